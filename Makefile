@@ -1,0 +1,66 @@
+# TEI Manager: `make run` runs the whole stack, `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export TEI_MANAGER_STATE_FILE ?= $(CURDIR)/var/state.sqlite3
+export TEI_MANAGER_LOG_DIR ?= $(CURDIR)/var/logs
+export TEI_MANAGER_CONFIG ?= $(CURDIR)/teimanager/default_config.toml
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: run test lint typecheck pytest bench proto redis chromium migrate superuser clean
+
+run: $(VENV)/.installed redis migrate superuser
+	$(BIN)/honcho -f Procfile start
+
+test: $(VENV)/.installed redis chromium lint typecheck pytest
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
+	# The generated protobuf modules import each other as `tei.v1` / `tei_multiplexer.v1`.
+	echo "$(CURDIR)/proto" > $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tei_manager_proto.pth
+	touch $@
+
+proto: $(VENV)/.installed
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
+		proto/tei/v1/tei.proto proto/tei_multiplexer/v1/multiplexer.proto
+
+# Redis is the Celery broker: start a local one if none answers.
+redis:
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { \
+		if command -v redis-server >/dev/null; then \
+			redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null && sleep 1; \
+		else echo "Redis is not answering on 127.0.0.1:6379 and redis-server is not installed (apt-get install redis-server)."; exit 1; fi; }
+
+# The browser test drives Debian's chromium; Playwright cannot download one here.
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium could not be installed; the browser test will be skipped."
+
+migrate: $(VENV)/.installed
+	mkdir -p $(dir $(TEI_MANAGER_STATE_FILE)) $(TEI_MANAGER_LOG_DIR)
+	$(BIN)/python manage.py migrate --noinput
+
+superuser: $(VENV)/.installed
+	$(BIN)/python manage.py ensure_superuser
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+# pytest exits 5 when it collects no test; that is not a failure.
+pytest: $(VENV)/.installed
+	$(BIN)/python -m pytest; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+bench: $(VENV)/.installed redis
+	mkdir -p benchmarks/results
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) var
