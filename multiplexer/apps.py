@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class MultiplexerConfig(AppConfig):
+    name = "multiplexer"
+    verbose_name = "gRPC multiplexer"
