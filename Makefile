@@ -8,11 +8,21 @@ export TEI_MANAGER_LOG_DIR ?= $(CURDIR)/var/logs
 export TEI_MANAGER_CONFIG ?= $(CURDIR)/teimanager/default_config.toml
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
+export CELERY_BROKER_URL ?= redis://127.0.0.1:6379/0
+REDIS_PING = $(BIN)/python -c "import os, redis; redis.Redis.from_url(os.environ['CELERY_BROKER_URL'], socket_connect_timeout=1).ping()" 2>/dev/null
 
 .PHONY: run test lint typecheck pytest bench proto redis chromium migrate superuser clean
 
-run: $(VENV)/.installed redis migrate superuser
-	$(BIN)/honcho -f Procfile start
+# Foreground: web, worker, beat, multiplexer (and Redis when none answers) under honcho.
+# Ctrl-C stops all of them; the worker stops the instances it runs on its way out.
+run: $(VENV)/.installed migrate superuser
+	$(BIN)/python manage.py seed_instances
+	rm -rf var/prometheus && mkdir -p var/prometheus
+	cp Procfile var/Procfile.run
+	@$(REDIS_PING) || { command -v redis-server >/dev/null && \
+		echo 'redis: redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no' >> var/Procfile.run; } || \
+		{ echo "Redis is not answering at $(CELERY_BROKER_URL) and redis-server is not installed (apt-get install redis-server)."; exit 1; }
+	PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus $(BIN)/honcho -f var/Procfile.run -d $(CURDIR) start
 
 test: $(VENV)/.installed redis chromium lint typecheck pytest
 

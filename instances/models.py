@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from django.db import models
+from django.db.models import F
+from django.utils import timezone
 
 
 class Status(models.TextChoices):
@@ -45,6 +50,7 @@ class Instance(models.Model):
     max_batch_tokens = models.PositiveIntegerField(default=16384)
     max_concurrent_requests = models.PositiveIntegerField(default=512)
     pooling = models.CharField(max_length=16, choices=Pooling.choices, blank=True, default="")
+    auto_truncate = models.BooleanField(default=True)
     startup_timeout_secs = models.PositiveIntegerField(null=True, blank=True)
     extra_args = models.JSONField(default=list, blank=True)
     node = models.CharField(max_length=255, default="")
@@ -64,6 +70,10 @@ class Instance(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     restarts = models.PositiveIntegerField(default=0)
     health_check_failures = models.PositiveIntegerField(default=0)
+    # Never reset: the source of tei_manager_health_check_failures_total.
+    health_check_failures_total = models.PositiveIntegerField(default=0)
+    # Starts in a row that died before becoming healthy: the crash-loop detector.
+    failed_starts = models.PositiveIntegerField(default=0)
     last_health_check = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True, default="")
     next_restart_at = models.DateTimeField(null=True, blank=True)
@@ -87,3 +97,80 @@ class Instance(models.Model):
     def address(self) -> str:
         """host:port the multiplexer and the health check dial."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def log_name(self) -> str:
+        return f"{self.name}.log"
+
+    def transition(self, from_states: Iterable[str], to_status: str, **fields: Any) -> bool:
+        """Compare-and-set: move to `to_status` only if the row is still in `from_states`.
+
+        Returns False (and changes nothing) when another process got there first.
+        """
+        fields = {"status": to_status, **fields}
+        updated = Instance.objects.filter(pk=self.pk, status__in=list(from_states)).update(
+            updated_at=timezone.now(), **fields
+        )
+        if updated:
+            for key, value in fields.items():
+                if not hasattr(value, "resolve_expression"):
+                    setattr(self, key, value)
+        return bool(updated)
+
+
+class Heartbeat(models.Model):
+    """Last sign of life of a background process ("reconcile", "multiplexer", ...)."""
+
+    name = models.CharField(max_length=64, unique=True)
+    last_seen = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def beat(cls, name: str) -> None:
+        cls.objects.update_or_create(name=name, defaults={"last_seen": timezone.now()})
+
+
+class Counter(models.Model):
+    """A monotonic counter kept in the database, so every process's increments add up."""
+
+    name = models.CharField(max_length=128, unique=True)
+    value = models.PositiveBigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.value}"
+
+    @classmethod
+    def increment(cls, name: str, by: int = 1) -> None:
+        if not cls.objects.filter(name=name).update(value=F("value") + by):
+            counter, created = cls.objects.get_or_create(name=name, defaults={"value": by})
+            if not created:
+                cls.objects.filter(pk=counter.pk).update(value=F("value") + by)
+
+    @classmethod
+    def get(cls, name: str) -> int:
+        return cls.objects.filter(name=name).values_list("value", flat=True).first() or 0
+
+
+class OrphanProcess(models.Model):
+    """The process of a deleted instance, until its node's worker has stopped it."""
+
+    node = models.CharField(max_length=255)
+    name = models.CharField(max_length=64)
+    pid = models.PositiveIntegerField()
+    process_started_at = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} (pid {self.pid})"
+
+
+class Seed(models.Model):
+    """A `[[instances]]` entry of the config file that was created once: never again."""
+
+    name = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name

@@ -50,6 +50,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -87,7 +88,7 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": STATE_FILE,
+            "NAME": str(STATE_FILE),
             "OPTIONS": {
                 "timeout": 30,
                 "transaction_mode": "IMMEDIATE",
@@ -103,10 +104,20 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "var" / "static"
+# Only for `collectstatic`: whitenoise serves from the apps (a missing root is a warning).
+STATIC_ROOT = os.environ.get("TEI_MANAGER_STATIC_ROOT") or None
+# gunicorn serves the admin's static files itself, straight from the apps: no collectstatic.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
 
 LOG_DIR = Path(TEI.log_dir)
-NODE_NAME = os.environ.get("TEI_MANAGER_NODE", socket.gethostname())
+# The host this process runs on: instances created here belong to it, and its worker
+# consumes the queue `node.<NODE_NAME>`.
+NODE_NAME = os.environ.get("TEI_MANAGER_NODE", "") or socket.gethostname()
+# The address the multiplexer and the health check dial for this node's instances.
+INSTANCE_HOST = os.environ.get("TEI_MANAGER_INSTANCE_HOST", "127.0.0.1")
+# A worker that exits stops its node's instances (Ctrl-C on `make run` leaves nothing).
+STOP_INSTANCES_ON_EXIT = envbool("TEI_MANAGER_STOP_INSTANCES_ON_EXIT", "true")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
@@ -115,6 +126,7 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "instances.api.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "TEI Manager API",
@@ -123,6 +135,10 @@ SPECTACULAR_SETTINGS = {
 }
 
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "celery")
+# A broker outage must not hang an API request: the next reconcile tick does the work.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2}
+CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout": 5}
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
@@ -130,6 +146,8 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SOFT_TIME_LIMIT = 120
 CELERY_TASK_TIME_LIMIT = 180
 CELERY_TASK_ACKS_LATE = False
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 

@@ -1,0 +1,328 @@
+"""Multiplexer overhead: the same calls to the same localtei instance, direct and routed.
+
+Starts one localtei (all-MiniLM-L6-v2) and `manage.py runmultiplexer` on a scratch database,
+then measures, interleaving the two paths so that drift hits both alike:
+
+- unary Embed latency (p50, p90), one call at a time;
+- 16 concurrent callers: Embed throughput;
+- a 20-message EmbedStream: time to the last answer;
+- EmbedArrow throughput against the model called in-process on the same texts.
+
+Writes benchmarks/results/multiplexer_overhead.md. Usage: python benchmarks/multiplexer_overhead.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "proto")]
+SCRATCH = Path(tempfile.mkdtemp(prefix="multiplexer-bench-"))
+os.environ["TEI_MANAGER_STATE_FILE"] = str(SCRATCH / "state.sqlite3")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "teimanager.settings")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import django  # noqa: E402
+
+django.setup()
+
+import grpc  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from tei.v1 import tei_pb2, tei_pb2_grpc  # noqa: E402
+from tei_multiplexer.v1 import multiplexer_pb2 as mux  # noqa: E402
+from tei_multiplexer.v1 import multiplexer_pb2_grpc  # noqa: E402
+
+from multiplexer.benchclient import generate_texts, text_batch  # noqa: E402
+
+MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+NAME = "bench-minilm"
+RESULTS = ROOT / "benchmarks" / "results" / "multiplexer_overhead.md"
+TEXT = "The quick brown fox jumps over the lazy dog"
+UNARY_ROUNDS, UNARY_CALLS = 8, 60
+CONCURRENCY, CONCURRENT_CALLS, CONCURRENT_ROUNDS = 16, 480, 3
+STREAM_MESSAGES, STREAM_REPEATS = 20, 15
+ARROW_TEXTS, ARROW_BATCH, ARROW_ROUNDS = 1024, 512, 2
+
+
+def main() -> int:
+    localtei = start_localtei()
+    try:
+        call_command("migrate", verbosity=0)
+        from instances.models import Instance
+
+        Instance.objects.create(
+            name=NAME,
+            model_id=MODEL_ID,
+            port=localtei.port,
+            prometheus_port=localtei.metrics,
+            status="running",
+            node="bench",
+        )
+        multiplexer = start_multiplexer()
+        try:
+            direct = f"127.0.0.1:{localtei.port}"
+            rows = measure(direct, f"127.0.0.1:{multiplexer.port}")
+        finally:
+            multiplexer.stop()
+    finally:
+        localtei.stop()
+    report = render(rows)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(report)
+    print(report)
+    return 0
+
+
+def measure(direct: str, routed: str) -> list[tuple[str, str, str, str, str]]:
+    target = mux.Target(instance_name=NAME)
+    inner = tei_pb2.EmbedRequest(inputs=TEXT)
+    wrapped = mux.EmbedRequest(target=target, request=inner)
+    with grpc.insecure_channel(direct) as d_channel, grpc.insecure_channel(routed) as r_channel:
+        d_embed = tei_pb2_grpc.EmbedStub(d_channel)
+        r_stub = multiplexer_pb2_grpc.TeiMultiplexerStub(r_channel)
+        for _ in range(50):
+            d_embed.Embed(inner)
+            r_stub.Embed(wrapped)
+
+        d_lat: list[float] = []
+        r_lat: list[float] = []
+        for _ in range(UNARY_ROUNDS):
+            d_lat += timings(lambda: d_embed.Embed(inner), UNARY_CALLS)
+            r_lat += timings(lambda: r_stub.Embed(wrapped), UNARY_CALLS)
+
+        d_tp, r_tp = [], []
+        for _ in range(CONCURRENT_ROUNDS):
+            d_tp.append(asyncio.run(concurrent(direct, "/tei.v1.Embed/Embed", inner)))
+            r_tp.append(
+                asyncio.run(concurrent(routed, "/tei_multiplexer.v1.TeiMultiplexer/Embed", wrapped))
+            )
+
+        d_inners = [tei_pb2.EmbedRequest(inputs=f"{TEXT} {i}") for i in range(STREAM_MESSAGES)]
+        r_wrapped = [mux.EmbedRequest(target=target, request=m) for m in d_inners]
+        d_stream: list[float] = []
+        r_stream: list[float] = []
+        for _ in range(STREAM_REPEATS):
+            d_stream += timings(lambda: list(d_embed.EmbedStream(iter(d_inners))), 1)
+            r_stream += timings(lambda: list(r_stub.EmbedStream(iter(r_wrapped))), 1)
+
+        texts = generate_texts(ARROW_TEXTS)
+        model = load_in_process_model()
+        model.embed(texts[:64])
+        arrow_tp, local_tp = [], []
+        for _ in range(ARROW_ROUNDS):
+            arrow_tp.append(arrow_throughput(r_stub, target, texts))
+            started = time.perf_counter()
+            model.embed(texts, normalize=True)
+            local_tp.append(len(texts) / (time.perf_counter() - started))
+
+    d50, r50 = percentile(d_lat, 50), percentile(r_lat, 50)
+    d90, r90 = percentile(d_lat, 90), percentile(r_lat, 90)
+    dtp, rtp = statistics.median(d_tp), statistics.median(r_tp)
+    ds, rs = statistics.median(d_stream), statistics.median(r_stream)
+    atp, ltp = statistics.median(arrow_tp), statistics.median(local_tp)
+    return [
+        row(
+            "unary Embed p50",
+            ms(d50),
+            ms(r50),
+            r50 / d50,
+            f"≤ 1.05 and ≤ 250 µs added (added {1e6 * (r50 - d50):.0f} µs)",
+            r50 / d50 <= 1.05 and r50 - d50 <= 250e-6,
+        ),
+        row("unary Embed p90", ms(d90), ms(r90), r90 / d90, "–", None),
+        row(
+            f"{CONCURRENCY} concurrent callers, Embed/s",
+            f"{dtp:.0f}",
+            f"{rtp:.0f}",
+            rtp / dtp,
+            "≥ 0.95",
+            rtp / dtp >= 0.95,
+        ),
+        row(f"{STREAM_MESSAGES}-message EmbedStream", ms(ds), ms(rs), rs / ds, "–", None),
+        row(
+            f"EmbedArrow ({ARROW_BATCH} rows/call) vs in-process model, texts/s",
+            f"{ltp:.0f}",
+            f"{atp:.0f}",
+            atp / ltp,
+            "≥ 0.90",
+            atp / ltp >= 0.90,
+        ),
+    ]
+
+
+def timings(call: Callable[[], Any], count: int) -> list[float]:
+    spent = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        spent.append(time.perf_counter() - started)
+    return spent
+
+
+async def concurrent(address: str, path: str, request: Any) -> float:
+    payload = request.SerializeToString()
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(path)
+        left = CONCURRENT_CALLS
+
+        async def caller() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await call(payload)
+
+        await asyncio.gather(*(call(payload) for _ in range(CONCURRENCY)))  # warm
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+        return CONCURRENT_CALLS / (time.perf_counter() - started)
+
+
+def arrow_throughput(stub: Any, target: mux.Target, texts: list[str]) -> float:
+    batches = [text_batch(texts[i : i + ARROW_BATCH]) for i in range(0, len(texts), ARROW_BATCH)]
+    started = time.perf_counter()
+    rows = 0
+    for batch in batches:
+        reply = stub.EmbedArrow(
+            mux.EmbedArrowRequest(target=target, arrow_ipc=batch, normalize=True), timeout=300
+        )
+        rows += pa.ipc.open_stream(pa.py_buffer(reply.arrow_ipc)).read_all().num_rows
+    assert rows == len(texts)
+    return rows / (time.perf_counter() - started)
+
+
+def load_in_process_model() -> Any:
+    import torch
+
+    from localtei.model import load_model
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model = load_model(MODEL_ID)
+    model.warm_up()
+    return model
+
+
+def percentile(values: list[float], pct: int) -> float:
+    return statistics.quantiles(values, n=100)[pct - 1]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def row(
+    name: str, direct: str, routed: str, ratio: float, goal: str, met: bool | None
+) -> tuple[str, str, str, str, str]:
+    verdict = "" if met is None else (" ✅" if met else " ❌")
+    return name, direct, routed, f"{ratio:.3f}", goal + verdict
+
+
+def render(rows: list[tuple[str, str, str, str, str]]) -> str:
+    lines = [
+        "# Multiplexer overhead",
+        "",
+        f"Same run, same localtei instance ({MODEL_ID}, CPU), {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"{platform.machine()} × {os.cpu_count()} CPUs, Python {platform.python_version()}.",
+        "Direct = the instance's own port; routed = through the multiplexer (in-process, "
+        'plaintext, loopback). For Arrow, "direct" is the model called in-process.',
+        "",
+        "| measure | direct | via multiplexer | ratio | goal |",
+        "|---|---|---|---|---|",
+        *(f"| {' | '.join(r)} |" for r in rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+class Server:
+    """A server subprocess of the benchmark: a free port, a log in the scratch directory."""
+
+    def __init__(self, name: str, command: Callable[[int, int], list[str]]) -> None:
+        self.port, self.metrics = free_port(), free_port()
+        self.log = SCRATCH / f"{name}.log"
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, *command(self.port, self.metrics)],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'proto'}"},
+            )
+
+    def wait_until_serving(self, timeout: float = 180) -> Server:
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def serving() -> bool:
+                if self.process.poll() is not None:
+                    raise SystemExit(f"a server exited; see {self.log}")
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                except grpc.RpcError:
+                    return False
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+            wait_for(serving, timeout)
+        return self
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def start_localtei() -> Server:
+    def command(port: int, metrics: int) -> list[str]:
+        return [
+            "-m", "localtei", "--model-id", MODEL_ID, "--hostname", "127.0.0.1",
+            "--port", str(port), "--prometheus-port", str(metrics),
+        ]  # fmt: skip
+
+    return Server("localtei", command).wait_until_serving()
+
+
+def start_multiplexer() -> Server:
+    """`manage.py runmultiplexer`, as `make run` starts it, on the scratch database."""
+
+    def command(port: int, metrics: int) -> list[str]:
+        return [
+            "manage.py", "runmultiplexer", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", str(metrics),
+        ]  # fmt: skip
+
+    return Server("multiplexer", command).wait_until_serving(60)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out waiting for the benchmark's servers")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""Create validation and the read representation of an Instance.
+
+`InstanceCreateSerializer` holds every create rule; the API and the admin's add form both
+use it, so it needs no request. `validation_error()` turns its errors into the one
+exception the API renders (INVALID_PORT / INVALID_GPU_ID / VALIDATION_ERROR).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+from rest_framework import serializers
+
+from instances import gpu
+from instances.errors import InvalidGpuId, InvalidPort, ValidationFailed
+from instances.models import Instance, Pooling
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MAX_INT = 2**31 - 1
+# Flags the manager sets itself: a second copy in extra_args would clash or override them.
+MANAGED_FLAGS = (
+    "--model-id",
+    "--port",
+    "--prometheus-port",
+    "--max-batch-tokens",
+    "--max-concurrent-requests",
+    "--json-output",
+    "--pooling",
+)
+
+
+class StrictCharField(serializers.CharField):
+    """A string only: 1 or true are not quietly turned into "1" and "True"."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return str(super().to_internal_value(data))
+
+
+class InstanceCreateSerializer(serializers.Serializer):
+    name = StrictCharField(max_length=64, trim_whitespace=False)
+    model_id = StrictCharField(max_length=255, trim_whitespace=False)
+    port = serializers.IntegerField(required=False, allow_null=True, default=None)
+    prometheus_port = serializers.IntegerField(required=False, allow_null=True, default=None)
+    gpu_id = serializers.IntegerField(required=False, allow_null=True, default=None)
+    max_batch_tokens = serializers.IntegerField(min_value=1, max_value=MAX_INT, default=16384)
+    max_concurrent_requests = serializers.IntegerField(min_value=1, max_value=MAX_INT, default=512)
+    pooling = serializers.ChoiceField(
+        choices=Pooling.choices, required=False, allow_null=True, allow_blank=True, default=""
+    )
+    auto_truncate = serializers.BooleanField(default=True)
+    startup_timeout_secs = serializers.IntegerField(
+        min_value=1, max_value=MAX_INT, required=False, allow_null=True, default=None
+    )
+    extra_args = serializers.ListField(
+        child=StrictCharField(allow_blank=False, trim_whitespace=False, max_length=4096),
+        required=False,
+        default=list,
+        max_length=256,
+    )
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({unknown[0]: ["unknown field"]})
+        return super().to_internal_value(data)
+
+    def validate_name(self, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise serializers.ValidationError(
+                "must be 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+            )
+        return value
+
+    def validate_model_id(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("must not be empty")
+        if value.startswith("-"):
+            raise serializers.ValidationError("must not start with '-'")
+        if any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise serializers.ValidationError("must not contain whitespace or control characters")
+        return value
+
+    def validate_port(self, value: int | None) -> int | None:
+        return _check_port(value)
+
+    def validate_prometheus_port(self, value: int | None) -> int | None:
+        return _check_port(value)
+
+    def validate_gpu_id(self, value: int | None) -> int | None:
+        if value is None:
+            return None
+        if value < 0:
+            raise serializers.ValidationError("must be 0 or more")
+        count = gpu.device_count()
+        if count is not None and value >= count:
+            raise serializers.ValidationError(f"no GPU {value}: this host has {count} GPU(s)")
+        return value
+
+    def validate_pooling(self, value: str | None) -> str:
+        return value or ""
+
+    def validate_extra_args(self, value: list[str]) -> list[str]:
+        for arg in value:
+            flag = arg.split("=", 1)[0]
+            if flag in MANAGED_FLAGS:
+                raise serializers.ValidationError(f"{flag} is set by the manager")
+            if "\x00" in arg:
+                raise serializers.ValidationError("must not contain NUL characters")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        port, prometheus_port = attrs.get("port"), attrs.get("prometheus_port")
+        if port is not None and port == prometheus_port:
+            raise serializers.ValidationError({"prometheus_port": ["must differ from port"]})
+        return attrs
+
+
+def _check_port(value: int | None) -> int | None:
+    if value is not None and not 1024 <= value <= 65535:
+        raise serializers.ValidationError("must be between 1024 and 65535")
+    return value
+
+
+# Which exception a field's error becomes; every other field gives VALIDATION_ERROR.
+_FIELD_ERRORS = {"port": InvalidPort, "prometheus_port": InvalidPort, "gpu_id": InvalidGpuId}
+
+
+def validation_error(errors: Any) -> ValidationFailed:
+    """The API exception for a serializer's `.errors` (a dict of field -> messages)."""
+    if not isinstance(errors, dict) or not errors:
+        return ValidationFailed(_first_message(errors) or "invalid request")
+    field = next(iter(errors))
+    message = _first_message(errors[field])
+    kind = _FIELD_ERRORS.get(field, ValidationFailed)
+    if field == "non_field_errors":
+        return kind(message)
+    return kind(f"{field}: {message}")
+
+
+def _first_message(detail: Any) -> str:
+    if isinstance(detail, dict):
+        return _first_message(next(iter(detail.values()), ""))
+    if isinstance(detail, list):
+        return _first_message(detail[0]) if detail else ""
+    return str(detail)
+
+
+class InstanceSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Instance
+        fields = [
+            "name",
+            "model_id",
+            "host",
+            "port",
+            "prometheus_port",
+            "gpu_id",
+            "max_batch_tokens",
+            "max_concurrent_requests",
+            "pooling",
+            "auto_truncate",
+            "startup_timeout_secs",
+            "extra_args",
+            "node",
+            "desired_state",
+            "status",
+            "pid",
+            "started_at",
+            "restarts",
+            "health_check_failures",
+            "last_health_check",
+            "last_error",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+    def to_representation(self, instance: Instance) -> dict[str, Any]:
+        return represent({name: getattr(instance, name) for name in self.Meta.fields})
+
+
+def list_instances_json() -> str:
+    """Every instance as InstanceSerializer shows it, as one JSON array. GET /instances
+    lists hundreds: on SQLite the database builds the JSON itself."""
+    if connection.vendor != "sqlite":
+        rows = Instance.objects.values(*InstanceSerializer.Meta.fields)
+        return json.dumps([represent(row) for row in rows], separators=(",", ":"))
+    columns = []
+    for name in InstanceSerializer.Meta.fields:
+        if name in _DATETIME_FIELDS:  # stored as "YYYY-MM-DD HH:MM:SS[.ffffff]" in UTC
+            value = f"replace({name}, ' ', 'T') || 'Z'"
+        elif name == "auto_truncate":
+            value = f"json(CASE WHEN {name} THEN 'true' ELSE 'false' END)"
+        elif name == "extra_args":
+            value = f"json({name})"
+        else:
+            value = name
+        columns.append(f"'{name}', {value}")
+    table = Instance._meta.db_table
+    query = f"SELECT json_group_array(json_object({', '.join(columns)})) FROM "  # noqa: S608
+    query += f"(SELECT * FROM {table} ORDER BY name)"
+    with connection.cursor() as cursor:
+        cursor.execute(query)
+        return str(cursor.fetchone()[0])
+
+
+def represent(data: dict[str, Any]) -> dict[str, Any]:
+    for name in _DATETIME_FIELDS:
+        data[name] = _iso(data[name])
+    return data
+
+
+_DATETIME_FIELDS = ("started_at", "last_health_check", "created_at", "updated_at")
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+class LogsSerializer(serializers.Serializer):
+    lines = serializers.ListField(child=serializers.CharField())
+    start = serializers.IntegerField()
+    end = serializers.IntegerField()
+    total_lines = serializers.IntegerField()

@@ -1,0 +1,123 @@
+"""REST API views: they validate, call the lifecycle service and serialise the result."""
+
+from __future__ import annotations
+
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers
+from rest_framework.decorators import api_view
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from instances import metrics as instance_metrics
+from instances import services
+from instances.api.errors import body
+from instances.api.serializers import (
+    InstanceCreateSerializer,
+    InstanceSerializer,
+    LogsSerializer,
+    list_instances_json,
+    validation_error,
+)
+from instances.errors import MethodNotAllowed, ValidationFailed
+
+
+class InstanceList(APIView):
+    @extend_schema(responses=InstanceSerializer(many=True))
+    def get(self, request: Request) -> HttpResponse:
+        return HttpResponse(list_instances_json(), content_type="application/json")
+
+    @extend_schema(request=InstanceCreateSerializer, responses={201: InstanceSerializer})
+    def post(self, request: Request) -> Response:
+        serializer = InstanceCreateSerializer(data=request.data)
+        if not serializer.is_valid():
+            raise validation_error(serializer.errors)
+        instance = services.create_instance(**serializer.validated_data)
+        return Response(InstanceSerializer(instance).data, status=201)
+
+
+class InstanceDetail(APIView):
+    @extend_schema(responses=InstanceSerializer)
+    def get(self, request: Request, name: str) -> Response:
+        return Response(InstanceSerializer(services.get_instance(name)).data)
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT})
+    def delete(self, request: Request, name: str) -> Response:
+        services.delete_instance(name)
+        return Response({"name": name, "deleted": True})
+
+
+class StartInstance(APIView):
+    @extend_schema(request=None, responses=InstanceSerializer)
+    def post(self, request: Request, name: str) -> Response:
+        return Response(InstanceSerializer(services.start_instance(name)).data)
+
+
+class StopInstance(APIView):
+    @extend_schema(request=None, responses=InstanceSerializer)
+    def post(self, request: Request, name: str) -> Response:
+        return Response(InstanceSerializer(services.stop_instance(name)).data)
+
+
+class RestartInstance(APIView):
+    @extend_schema(request=None, responses=InstanceSerializer)
+    def post(self, request: Request, name: str) -> Response:
+        return Response(InstanceSerializer(services.restart_instance(name)).data)
+
+
+class InstanceLogs(APIView):
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("start", int, description="first line (Python slice, may be < 0)"),
+            OpenApiParameter("end", int, description="end line, exclusive (may be < 0)"),
+        ],
+        responses=LogsSerializer,
+    )
+    def get(self, request: Request, name: str) -> Response:
+        start = _int_param(request, "start")
+        end = _int_param(request, "end")
+        return Response(services.read_logs(name, start, end))
+
+
+class _HealthSerializer(serializers.Serializer):
+    status = serializers.CharField()
+    database = serializers.CharField()
+    heartbeats = serializers.DictField(child=serializers.DateTimeField(allow_null=True))
+
+
+@extend_schema(responses=_HealthSerializer)
+@api_view(["GET"])
+def health(request: Request) -> Response:
+    """Liveness of the web process and its database, plus the background heartbeats."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    beats = services.heartbeats()
+    return Response(
+        {
+            "status": "ok",
+            "database": "ok",
+            "heartbeats": {k: v.isoformat() if v else None for k, v in beats.items()},
+        }
+    )
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus text format; a plain view, so any Accept header gets it."""
+    if request.method not in ("GET", "HEAD"):
+        error = MethodNotAllowed(f'Method "{request.method}" not allowed.')
+        return JsonResponse(body(error), status=error.status_code, headers={"Allow": "GET"})
+    text, content_type = instance_metrics.render()
+    return HttpResponse(text, content_type=content_type)
+
+
+def _int_param(request: Request, key: str) -> int | None:
+    raw = request.query_params.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValidationFailed(f"{key}: must be an integer, got {raw!r}") from None

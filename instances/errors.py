@@ -1,0 +1,93 @@
+"""One exception class per error code. The API renders every one as
+`{"error": <message>, "code": <code>, "timestamp": <ISO-8601>}` with its status code."""
+
+from __future__ import annotations
+
+
+class TeiManagerError(Exception):
+    status_code = 500
+    code = "INTERNAL_ERROR"
+    default_message = "internal error"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+
+
+class InstanceNotFound(TeiManagerError):
+    status_code = 404
+    code = "INSTANCE_NOT_FOUND"
+    default_message = "instance not found"
+
+
+class InstanceExists(TeiManagerError):
+    status_code = 409
+    code = "INSTANCE_EXISTS"
+    default_message = "an instance with this name already exists"
+
+
+class PortConflict(TeiManagerError):
+    status_code = 422
+    code = "PORT_CONFLICT"
+    default_message = "port is already in use"
+
+
+class MaxInstancesReached(TeiManagerError):
+    status_code = 422
+    code = "MAX_INSTANCES_REACHED"
+    default_message = "the maximum number of instances is reached"
+
+
+class ValidationFailed(TeiManagerError):
+    status_code = 400
+    code = "VALIDATION_ERROR"
+    default_message = "invalid request"
+
+
+class InvalidPort(ValidationFailed):
+    code = "INVALID_PORT"
+    default_message = "port must be between 1024 and 65535"
+
+
+class InvalidGpuId(ValidationFailed):
+    code = "INVALID_GPU_ID"
+    default_message = "no such GPU"
+
+
+class MalformedJson(ValidationFailed):
+    code = "MALFORMED_JSON"
+    default_message = "request body is not valid JSON"
+
+
+class AlreadyRunning(TeiManagerError):
+    status_code = 409
+    code = "ALREADY_RUNNING"
+    default_message = "instance is already running"
+
+
+class NotRunning(TeiManagerError):
+    status_code = 409
+    code = "NOT_RUNNING"
+    default_message = "instance is not running"
+
+
+class NotFound(TeiManagerError):
+    status_code = 404
+    code = "NOT_FOUND"
+    default_message = "no such path"
+
+
+class MethodNotAllowed(TeiManagerError):
+    status_code = 405
+    code = "METHOD_NOT_ALLOWED"
+    default_message = "method not allowed"
+
+
+class UnsupportedMediaType(TeiManagerError):
+    status_code = 415
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    default_message = "send the request body as application/json"
+
+
+class InternalError(TeiManagerError):
+    pass

@@ -1,0 +1,209 @@
+"""The lifecycle service: the one place the API, the admin and the Celery tasks change
+instances. Requests only change the desired state and enqueue work; they never wait for a
+process. Every status change is a compare-and-set (`Instance.transition`).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+
+from instances import process, tasks
+from instances.errors import (
+    AlreadyRunning,
+    InstanceExists,
+    InstanceNotFound,
+    MaxInstancesReached,
+    NotRunning,
+    PortConflict,
+    ValidationFailed,
+)
+from instances.models import Counter, DesiredState, Heartbeat, Instance, OrphanProcess, Status
+
+log = logging.getLogger(__name__)
+
+CREATED_COUNTER = "instances_created"
+DELETED_COUNTER = "instances_deleted"
+KNOWN_HEARTBEATS = ("reconcile", "multiplexer")
+# A fresh start: what start and restart reset.
+_FRESH = {
+    "desired_state": DesiredState.RUNNING,
+    "failed_starts": 0,
+    "health_check_failures": 0,
+    "next_restart_at": None,
+    "last_error": "",
+}
+
+
+def create_instance(**fields: Any) -> Instance:
+    """Save a new instance (ports allocated when not given) and enqueue its start."""
+    try:
+        with transaction.atomic():
+            instance = _insert(fields)
+    except IntegrityError:
+        # Only reachable on PostgreSQL (SQLite's IMMEDIATE transactions serialise creates).
+        if Instance.objects.filter(name=fields.get("name")).exists():
+            raise InstanceExists(f"instance '{fields.get('name')}' already exists") from None
+        raise PortConflict("port was taken by a concurrent create; try again") from None
+    return instance
+
+
+def start_instance(name: str) -> Instance:
+    instance = get_instance(name)
+    with transaction.atomic():
+        if instance.transition([Status.STOPPED, Status.FAILED], Status.PENDING, **_FRESH):
+            _enqueue_on_commit(tasks.launch_instance, instance)
+            return instance
+        # A stop in flight: the stop task starts it again once the old process is gone.
+        if _set_desired(instance, [Status.STOPPING], DesiredState.RUNNING):
+            return instance
+    raise AlreadyRunning(f"instance '{name}' is already {get_instance(name).status}")
+
+
+def stop_instance(name: str) -> Instance:
+    instance = get_instance(name)
+    with transaction.atomic():
+        active = [Status.PENDING, Status.STARTING, Status.RUNNING]
+        if instance.transition(active, Status.STOPPING, desired_state=DesiredState.STOPPED):
+            _enqueue_on_commit(tasks.stop_instance, instance)
+            return instance
+        if _set_desired(instance, [Status.STOPPING], DesiredState.STOPPED):
+            return instance
+    raise NotRunning(f"instance '{name}' is {get_instance(name).status}, not running")
+
+
+def restart_instance(name: str) -> Instance:
+    """Stop the process (if any) and start a new one; counts as a restart when one ran."""
+    instance = get_instance(name)
+    with transaction.atomic():
+        ran = [Status.PENDING, Status.STARTING, Status.RUNNING]
+        if instance.transition(ran, Status.PENDING, restarts=F("restarts") + 1, **_FRESH):
+            instance.refresh_from_db()
+            _enqueue_on_commit(tasks.launch_instance, instance)
+            return instance
+        if instance.transition([Status.STOPPED, Status.FAILED], Status.PENDING, **_FRESH):
+            _enqueue_on_commit(tasks.launch_instance, instance)
+            return instance
+        _set_desired(instance, [Status.STOPPING], DesiredState.RUNNING)
+    return get_instance(name)
+
+
+def delete_instance(name: str) -> None:
+    """Remove the row now; the instance's worker stops the process left behind."""
+    instance = get_instance(name)
+    with transaction.atomic():
+        deleted, _ = Instance.objects.filter(pk=instance.pk).delete()
+        if not deleted:
+            raise InstanceNotFound(f"instance '{name}' not found")
+        Counter.increment(DELETED_COUNTER)
+        if instance.pid:
+            # Recorded, so that the process is stopped even if the kill message is lost.
+            orphan = OrphanProcess.objects.create(
+                node=instance.node,
+                name=instance.name,
+                pid=instance.pid,
+                process_started_at=instance.process_started_at,
+            )
+            transaction.on_commit(
+                lambda: tasks.enqueue(tasks.kill_orphan, instance.node, [orphan.pk])
+            )
+
+
+def read_logs(name: str, start: int | None = None, end: int | None = None) -> dict[str, Any]:
+    """Lines `[start:end]` of the instance's log, with Python slice semantics."""
+    instance = get_instance(name)
+    lines = process.read_lines(process.log_path(settings.LOG_DIR, instance.name))
+    first, last, _ = slice(start, end).indices(len(lines))
+    last = max(first, last)
+    return {"lines": lines[first:last], "start": first, "end": last, "total_lines": len(lines)}
+
+
+def get_instance(name: str) -> Instance:
+    instance = Instance.objects.filter(name=name).first()
+    if instance is None:
+        raise InstanceNotFound(f"instance '{name}' not found")
+    return instance
+
+
+def heartbeats() -> dict[str, datetime | None]:
+    """Last sign of life of each background process; None for one never seen."""
+    seen: dict[str, datetime | None] = dict.fromkeys(KNOWN_HEARTBEATS)
+    seen.update(Heartbeat.objects.values_list("name", "last_seen"))
+    return seen
+
+
+def _insert(fields: dict[str, Any]) -> Instance:
+    config = settings.TEI
+    name = fields["name"]
+    if Instance.objects.filter(name=name).exists():
+        raise InstanceExists(f"instance '{name}' already exists")
+    if Instance.objects.count() >= config.max_instances:
+        raise MaxInstancesReached(f"the maximum of {config.max_instances} instances is reached")
+    node = settings.NODE_NAME
+    used = _ports_in_use(node)
+    port = _claim_port(
+        fields.get("port"), used, config.instance_port_start, config.instance_port_end
+    )
+    used.add(port)
+    prometheus_port = _claim_port(
+        fields.get("prometheus_port"),
+        used,
+        config.prometheus_port_start,
+        config.prometheus_port_end,
+    )
+    values = {key: value for key, value in fields.items() if value is not None}
+    values.update(
+        port=port,
+        prometheus_port=prometheus_port,
+        node=node,
+        host=settings.INSTANCE_HOST,
+        status=Status.PENDING,
+        desired_state=DesiredState.RUNNING,
+    )
+    values.setdefault("startup_timeout_secs", config.startup_timeout_secs)
+    values["pooling"] = values.get("pooling") or ""
+    try:
+        instance = Instance.objects.create(**values)
+    except TypeError as exc:
+        raise ValidationFailed(str(exc)) from None
+    Counter.increment(CREATED_COUNTER)
+    _enqueue_on_commit(tasks.launch_instance, instance)
+    return instance
+
+
+def _ports_in_use(node: str) -> set[int]:
+    used: set[int] = set()
+    for port, prometheus_port in Instance.objects.filter(node=node).values_list(
+        "port", "prometheus_port"
+    ):
+        used.update((port, prometheus_port))
+    return used
+
+
+def _claim_port(requested: int | None, used: set[int], first: int, last: int) -> int:
+    if requested is not None:
+        if requested in used:
+            raise PortConflict(f"port {requested} is already used by another instance")
+        if not process.port_is_free(requested):
+            raise PortConflict(f"port {requested} is already in use on this host")
+        return requested
+    for port in range(first, last + 1):
+        if port not in used and process.port_is_free(port):
+            return port
+    raise PortConflict(f"no free port left in {first}-{last}")
+
+
+def _set_desired(instance: Instance, states: list[str], desired: str) -> bool:
+    return bool(
+        Instance.objects.filter(pk=instance.pk, status__in=states).update(desired_state=desired)
+    )
+
+
+def _enqueue_on_commit(task: Any, instance: Instance) -> None:
+    pk, node = instance.pk, instance.node
+    transaction.on_commit(lambda: tasks.enqueue(task, node, [pk]))

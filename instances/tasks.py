@@ -1,0 +1,101 @@
+"""Celery tasks (thin: the work is in supervisor.py) and the worker's lifecycle hooks.
+
+Instance tasks go to the queue of the instance's node (`node.<name>`), which only that
+host's worker consumes; the beat tick goes to the default queue and fans out per node.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task, signals
+from django.conf import settings
+
+from instances import process, supervisor
+from instances.models import Instance
+
+log = logging.getLogger(__name__)
+
+
+WATCH_START_EVERY_SECS = 0.25
+
+
+@shared_task(name="instances.tasks.launch_instance", ignore_result=True)
+def launch_instance(pk: int) -> None:
+    supervisor.launch(pk)
+    watch_start.apply_async(args=[pk], countdown=WATCH_START_EVERY_SECS, queue=_own_queue())
+
+
+@shared_task(name="instances.tasks.watch_start", ignore_result=True)
+def watch_start(pk: int) -> None:
+    if supervisor.watch_start(pk):
+        watch_start.apply_async(args=[pk], countdown=WATCH_START_EVERY_SECS, queue=_own_queue())
+
+
+@shared_task(name="instances.tasks.stop_instance", ignore_result=True)
+def stop_instance(pk: int) -> None:
+    supervisor.stop(pk)
+
+
+@shared_task(name="instances.tasks.kill_orphan", ignore_result=True)
+def kill_orphan(pk: int) -> None:
+    supervisor.kill_orphan(pk)
+
+
+@shared_task(name="instances.tasks.reconcile", ignore_result=True)
+def reconcile() -> None:
+    """The beat tick: reconcile this node here, and every other node on its own queue."""
+    nodes = set(Instance.objects.values_list("node", flat=True).distinct())
+    for node in sorted(nodes - {settings.NODE_NAME}):
+        expires = float(settings.TEI.health_check_interval_secs)
+        enqueue(reconcile_node, node, [node], expires=expires)
+    supervisor.reconcile_node(settings.NODE_NAME)
+
+
+@shared_task(name="instances.tasks.reconcile_node", ignore_result=True)
+def reconcile_node(node: str) -> None:
+    supervisor.reconcile_node(node)
+
+
+def node_queue(node: str) -> str:
+    return f"node.{node}"
+
+
+def _own_queue() -> str:
+    return node_queue(settings.NODE_NAME)
+
+
+def enqueue(task: Any, node: str, args: list[Any], **options: Any) -> None:
+    """Send `task` to `node`'s worker. A broker outage is logged, not raised: the next
+    reconcile tick does the work anyway."""
+    try:
+        task.apply_async(args=args, queue=node_queue(node), **options)
+    except Exception as exc:
+        log.warning("could not enqueue %s%s for node %s: %s", task.name, args, node, exc)
+
+
+@signals.celeryd_after_setup.connect
+def consume_node_queue(sender: Any, instance: Any, **kwargs: Any) -> None:
+    instance.app.amqp.queues.select_add(node_queue(settings.NODE_NAME))
+
+
+@signals.worker_process_init.connect
+def reap_instance_processes(**kwargs: Any) -> None:
+    # Instance processes are children of the pool process that launched them.
+    process.start_reaper()
+
+
+@signals.worker_ready.connect
+def restore_instances(**kwargs: Any) -> None:
+    for pk in supervisor.restore_node(settings.NODE_NAME):
+        enqueue(launch_instance, settings.NODE_NAME, [pk])
+
+
+@signals.worker_shutting_down.connect
+@signals.worker_shutdown.connect
+def stop_instances(**kwargs: Any) -> None:
+    if settings.STOP_INSTANCES_ON_EXIT:
+        # Fast: honcho and systemd kill a worker that takes long to exit.
+        grace = min(float(settings.TEI.graceful_shutdown_timeout_secs), 3.0)
+        supervisor.shutdown_node(settings.NODE_NAME, grace)

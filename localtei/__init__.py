@@ -1,0 +1,26 @@
+"""localtei: a TEI-compatible (`tei.v1` gRPC) embedding server on PyTorch + transformers.
+
+Run it the way text-embeddings-router is run::
+
+    python -m localtei --model-id sentence-transformers/all-MiniLM-L6-v2 --port 8080 \\
+        --prometheus-port 9100 --json-output
+
+In-process API (the server's own code path, for baselines and scripts)::
+
+    from localtei.model import load_model
+
+    model = load_model("sentence-transformers/all-MiniLM-L6-v2")  # pooling=, dtype= optional
+    vectors = model.embed(["a text", "another"], normalize=True)  # numpy (n, 384) float32
+
+`load_model(model_id, pooling=None, dtype=None, *, revision=None, cache_dir=None,
+device=None)` finds the model (a directory, the Hugging Face cache offline, or a packaged
+model) and raises `localtei.errors.StartupError` when it cannot. The returned `Model` also
+offers `run(jobs)` (one padded forward pass over `localtei.model.Job`s), `spec` (kind,
+pooling, labels, max_input_length) and `tokenizer` (a `localtei.tokenization.TextTokenizer`).
+
+Modules: cli (flags), lookup (where the files are), spec (what the model is), tokenization,
+model (loading and forward passes), batching (queue and inference thread), services (the
+`tei.v1` servicers), server (start-up, health, reflection, shutdown), metrics, logs.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,577 @@
+"""The `tei.v1` servicers: validate, tokenize, queue, await the batch, answer.
+
+Every handler runs on the asyncio event loop; only the forward pass runs elsewhere (the
+batcher's thread), and its results come back through `deliver()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import grpc
+from tei.v1 import tei_pb2, tei_pb2_grpc
+
+from localtei import __version__, metrics
+from localtei.batching import Batcher
+from localtei.errors import (
+    BackendError,
+    OverloadedError,
+    ServingError,
+    UnauthenticatedError,
+    UnavailableError,
+    ValidationError,
+)
+from localtei.jobs import Job, Task
+from localtei.settings import Settings
+from localtei.spec import ModelKind
+from localtei.tokenization import Encoded
+
+if TYPE_CHECKING:  # torch stays unimported until the server listens
+    from localtei.model import Model
+
+log = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+_LEFT = tei_pb2.TRUNCATION_DIRECTION_LEFT
+_MODEL_TYPES = {
+    ModelKind.EMBEDDING: tei_pb2.MODEL_TYPE_EMBEDDING,
+    ModelKind.CLASSIFIER: tei_pb2.MODEL_TYPE_CLASSIFIER,
+    ModelKind.RERANKER: tei_pb2.MODEL_TYPE_RERANKER,
+}
+SERVICE_NAMES = tuple(service.full_name for service in tei_pb2.DESCRIPTOR.services_by_name.values())
+
+
+def served_services(kind: ModelKind) -> set[str]:
+    """The `tei.v1` services a model of this kind answers (health says SERVING for them)."""
+    names = {"tei.v1.Info", "tei.v1.Tokenize"}
+    if kind is ModelKind.EMBEDDING:
+        return names | {"tei.v1.Embed"}
+    if kind is ModelKind.RERANKER:
+        return names | {"tei.v1.Predict", "tei.v1.Rerank"}
+    return names | {"tei.v1.Predict"}
+
+
+def add_tei_services(service: TeiService, server: grpc.aio.Server) -> None:
+    tei_pb2_grpc.add_InfoServicer_to_server(service, server)
+    tei_pb2_grpc.add_EmbedServicer_to_server(service, server)
+    tei_pb2_grpc.add_PredictServicer_to_server(service, server)
+    tei_pb2_grpc.add_RerankServicer_to_server(service, server)
+    tei_pb2_grpc.add_TokenizeServicer_to_server(service, server)
+
+
+class TeiService(
+    tei_pb2_grpc.InfoServicer,
+    tei_pb2_grpc.EmbedServicer,
+    tei_pb2_grpc.PredictServicer,
+    tei_pb2_grpc.RerankServicer,
+    tei_pb2_grpc.TokenizeServicer,
+):
+    """All five `tei.v1` services over one model; UNAVAILABLE until `attach()`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model: Model | None = None
+        self._batcher: Batcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._permits = asyncio.Semaphore(settings.max_concurrent_requests)
+        self._bearer = f"Bearer {settings.api_key}" if settings.api_key else None
+
+    def attach(self, model: Model, batcher: Batcher) -> None:
+        """Start answering with `model`; call on the event loop."""
+        self._loop = asyncio.get_running_loop()
+        self.model, self._batcher = model, batcher
+
+    def detach(self) -> None:
+        self.model = None
+
+    def deliver(self, jobs: list[Job], results: list[Any] | BaseException) -> None:
+        """The batcher's callback (inference thread): hand results to the waiting handlers."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_resolve, jobs, results)
+
+    # --- Info ---------------------------------------------------------------------------
+
+    async def Info(self, request: tei_pb2.InfoRequest, context: Any) -> tei_pb2.InfoResponse:
+        return await self._unary("info", context, self._info, infer=False)
+
+    # --- Embed --------------------------------------------------------------------------
+
+    async def Embed(self, request: tei_pb2.EmbedRequest, context: Any) -> tei_pb2.EmbedResponse:
+        return await self._unary("embed", context, lambda: self._embed(request))
+
+    async def EmbedStream(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async for response in self._stream("embed", requests, context, self._embed):
+            yield response
+
+    async def EmbedSparse(self, request: Any, context: Any) -> tei_pb2.EmbedSparseResponse:
+        return await self._unary("embed_sparse", context, lambda: self._embed_sparse(request))
+
+    async def EmbedSparseStream(
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        async for response in self._stream("embed_sparse", requests, context, self._embed_sparse):
+            yield response
+
+    async def EmbedAll(self, request: Any, context: Any) -> tei_pb2.EmbedAllResponse:
+        return await self._unary("embed_all", context, lambda: self._embed_all(request))
+
+    async def EmbedAllStream(
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        async for response in self._stream("embed_all", requests, context, self._embed_all):
+            yield response
+
+    # --- Predict ------------------------------------------------------------------------
+
+    async def Predict(self, request: Any, context: Any) -> tei_pb2.PredictResponse:
+        return await self._unary("predict", context, lambda: self._predict(request))
+
+    async def PredictPair(self, request: Any, context: Any) -> tei_pb2.PredictResponse:
+        return await self._unary("predict", context, lambda: self._predict_pair(request))
+
+    async def PredictStream(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async for response in self._stream("predict", requests, context, self._predict):
+            yield response
+
+    async def PredictPairStream(
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        async for response in self._stream("predict", requests, context, self._predict_pair):
+            yield response
+
+    # --- Rerank -------------------------------------------------------------------------
+
+    async def Rerank(self, request: Any, context: Any) -> tei_pb2.RerankResponse:
+        return await self._unary("rerank", context, lambda: self._rerank(request))
+
+    async def RerankStream(self, requests: AsyncIterator[Any], context: Any) -> Any:
+        # Stream in, one answer out: each message may start its forward pass at once.
+        return await self._unary(
+            "rerank", context, lambda: self._rerank_stream(requests), wait_for_permit=True
+        )
+
+    # --- Tokenize -----------------------------------------------------------------------
+
+    async def Tokenize(self, request: Any, context: Any) -> tei_pb2.EncodeResponse:
+        return await self._unary("tokenize", context, lambda: self._tokenize(request), infer=False)
+
+    async def TokenizeStream(
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        async for response in self._stream(
+            "tokenize", requests, context, self._tokenize, infer=False
+        ):
+            yield response
+
+    async def Decode(self, request: Any, context: Any) -> tei_pb2.DecodeResponse:
+        return await self._unary("decode", context, lambda: self._decode(request), infer=False)
+
+    async def DecodeStream(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async for response in self._stream("decode", requests, context, self._decode, infer=False):
+            yield response
+
+    # --- request plumbing ---------------------------------------------------------------
+
+    async def _unary(
+        self,
+        method: str,
+        context: Any,
+        work: Callable[[], Awaitable[Response]],
+        *,
+        infer: bool = True,
+        wait_for_permit: bool = False,
+    ) -> Response:
+        metrics.REQUEST_COUNT.labels(method).inc()
+        start = time.perf_counter()
+        permitted = False
+        try:
+            self._admit(context)
+            if infer:
+                # Unary calls past the limit are refused at once; streams wait (see _feed).
+                if self._permits.locked() and not wait_for_permit:
+                    raise OverloadedError("Model is overloaded")
+                await self._permits.acquire()
+                permitted = True
+            response = await work()
+        except ServingError as err:
+            await _fail(context, method, err)
+        except Exception as exc:  # noqa: BLE001 - a bug must not leak a traceback
+            log.exception("%s failed", method)
+            await _fail(context, method, BackendError(f"internal error: {exc}"))
+        finally:
+            if permitted:
+                self._permits.release()
+        metrics.REQUEST_SUCCESS.labels(method).inc()
+        metrics.REQUEST_DURATION.observe(time.perf_counter() - start)
+        return response
+
+    async def _stream(
+        self,
+        method: str,
+        requests: AsyncIterator[Request],
+        context: Any,
+        work: Callable[[Request], Awaitable[Response]],
+        *,
+        infer: bool = True,
+    ) -> AsyncIterator[Response]:
+        """Answer a bidirectional stream in order, with many messages in flight at once."""
+        try:
+            self._admit(context)
+        except ServingError as err:
+            await _fail(context, method, err)
+        pending: asyncio.Queue[asyncio.Task[Response] | None] = asyncio.Queue()
+        feeder = asyncio.create_task(self._feed(method, requests, work, pending, infer))
+        try:
+            while (task := await pending.get()) is not None:
+                start = time.perf_counter()
+                try:
+                    response = await task
+                except ServingError as err:
+                    await _fail(context, method, err)
+                metrics.REQUEST_SUCCESS.labels(method).inc()
+                metrics.REQUEST_DURATION.observe(time.perf_counter() - start)
+                yield response
+        finally:
+            feeder.cancel()
+            while not pending.empty():
+                if (leftover := pending.get_nowait()) is not None:
+                    leftover.cancel()
+
+    async def _feed(
+        self,
+        method: str,
+        requests: AsyncIterator[Request],
+        work: Callable[[Request], Awaitable[Response]],
+        pending: asyncio.Queue[asyncio.Task[Response] | None],
+        infer: bool,
+    ) -> None:
+        try:
+            async for request in requests:
+                metrics.REQUEST_COUNT.labels(method).inc()
+                if infer:
+                    await self._permits.acquire()
+                    task = asyncio.create_task(self._permitted(work(request)))
+                else:
+                    task = asyncio.create_task(_as_task(work(request)))
+                pending.put_nowait(task)
+        finally:
+            pending.put_nowait(None)
+
+    async def _permitted(self, work: Awaitable[Response]) -> Response:
+        try:
+            return await work
+        finally:
+            self._permits.release()
+
+    def _admit(self, context: Any) -> Model:
+        if self._bearer is not None:
+            sent = dict(context.invocation_metadata()).get("authorization")
+            if sent != self._bearer:
+                raise UnauthenticatedError("missing or wrong API key")
+        if self.model is None:
+            raise UnavailableError("model is not ready (loading or shutting down)")
+        return self.model
+
+    async def _infer(self, jobs: Sequence[Job]) -> list[Any]:
+        assert self._batcher is not None and self._loop is not None
+        futures = []
+        for job in jobs:
+            job.handle = self._loop.create_future()
+            futures.append(job.handle)
+        self._batcher.submit(jobs)
+        if len(futures) == 1:
+            return [await futures[0]]
+        return list(await asyncio.gather(*futures))
+
+    def _encode(
+        self, text: str, pair: str | None, truncate: bool, direction: int, prompt: str | None
+    ) -> Encoded:
+        model = self._ready_model()
+        return model.tokenizer.encode(
+            text,
+            pair,
+            truncate=truncate or self.settings.auto_truncate,
+            left=direction == _LEFT,
+            prompt=prompt,
+        )
+
+    def _ready_model(self) -> Model:
+        if self.model is None:
+            raise UnavailableError("model is not ready (loading or shutting down)")
+        return self.model
+
+    # --- the work of each RPC -------------------------------------------------------------
+
+    async def _info(self) -> tei_pb2.InfoResponse:
+        model = self._ready_model()
+        settings = self.settings
+        response = tei_pb2.InfoResponse(
+            version=__version__,
+            model_id=settings.model_id,
+            model_dtype=model.dtype,
+            model_type=_MODEL_TYPES[model.spec.kind],
+            max_concurrent_requests=settings.max_concurrent_requests,
+            max_input_length=model.tokenizer.max_input_length,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_client_batch_size=settings.max_client_batch_size,
+            tokenization_workers=settings.tokenization_workers or len(os.sched_getaffinity(0)),
+        )
+        if settings.max_batch_requests is not None:
+            response.max_batch_requests = settings.max_batch_requests
+        if model.sha:
+            response.model_sha = model.sha
+        return response
+
+    async def _embed(self, request: tei_pb2.EmbedRequest) -> tei_pb2.EmbedResponse:
+        start = time.perf_counter_ns()
+        model = self._ready_model()
+        normalize = request.normalize if request.HasField("normalize") else True
+        dimensions = request.dimensions if request.HasField("dimensions") else None
+        model.check(Task.POOLED, normalize)
+        if dimensions is not None and not 0 < dimensions <= model.output_size:
+            raise ValidationError(
+                f"`dimensions` must be between 1 and the model's {model.output_size} "
+                f"dimensions. Given: {dimensions}"
+            )
+        prompt = model.tokenizer.prompt(_optional(request, "prompt_name"))
+        encoded = self._encode(
+            request.inputs, None, request.truncate, request.truncation_direction, prompt
+        )
+        job = Job(encoded, Task.POOLED, normalize, dimensions)
+        tokenized = time.perf_counter_ns()
+        (vector,) = await self._infer([job])
+        return tei_pb2.EmbedResponse(embeddings=vector, metadata=_metadata(start, tokenized, [job]))
+
+    async def _embed_sparse(
+        self, request: tei_pb2.EmbedSparseRequest
+    ) -> tei_pb2.EmbedSparseResponse:
+        start = time.perf_counter_ns()
+        model = self._ready_model()
+        model.check(Task.SPARSE)
+        prompt = model.tokenizer.prompt(_optional(request, "prompt_name"))
+        encoded = self._encode(
+            request.inputs, None, request.truncate, request.truncation_direction, prompt
+        )
+        job = Job(encoded, Task.SPARSE)
+        tokenized = time.perf_counter_ns()
+        ((indices, values),) = await self._infer([job])
+        sparse = [
+            tei_pb2.SparseValue(index=i, value=v) for i, v in zip(indices, values, strict=True)
+        ]
+        return tei_pb2.EmbedSparseResponse(
+            sparse_embeddings=sparse, metadata=_metadata(start, tokenized, [job])
+        )
+
+    async def _embed_all(self, request: tei_pb2.EmbedAllRequest) -> tei_pb2.EmbedAllResponse:
+        start = time.perf_counter_ns()
+        model = self._ready_model()
+        model.check(Task.ALL)
+        prompt = model.tokenizer.prompt(_optional(request, "prompt_name"))
+        encoded = self._encode(
+            request.inputs, None, request.truncate, request.truncation_direction, prompt
+        )
+        job = Job(encoded, Task.ALL)
+        tokenized = time.perf_counter_ns()
+        (rows,) = await self._infer([job])
+        tokens = [tei_pb2.TokenEmbedding(embeddings=row) for row in rows]
+        return tei_pb2.EmbedAllResponse(
+            token_embeddings=tokens, metadata=_metadata(start, tokenized, [job])
+        )
+
+    async def _predict(self, request: tei_pb2.PredictRequest) -> tei_pb2.PredictResponse:
+        return await self._classify(
+            request.inputs, None, request.truncate, request.truncation_direction, request.raw_scores
+        )
+
+    async def _predict_pair(self, request: tei_pb2.PredictPairRequest) -> tei_pb2.PredictResponse:
+        inputs = list(request.inputs)
+        if len(inputs) not in (1, 2):
+            raise ValidationError(
+                f"`inputs` must have a single or two elements. Given: {len(inputs)}"
+            )
+        pair = inputs[1] if len(inputs) == 2 else None
+        return await self._classify(
+            inputs[0], pair, request.truncate, request.truncation_direction, request.raw_scores
+        )
+
+    async def _classify(
+        self, text: str, pair: str | None, truncate: bool, direction: int, raw_scores: bool
+    ) -> tei_pb2.PredictResponse:
+        start = time.perf_counter_ns()
+        model = self._ready_model()
+        model.check(Task.SCORES)
+        job = Job(
+            self._encode(text, pair, truncate, direction, None), Task.SCORES, raw_scores=raw_scores
+        )
+        tokenized = time.perf_counter_ns()
+        (scores,) = await self._infer([job])
+        ranked = sorted(
+            zip(scores, model.spec.labels, strict=True), key=lambda p: p[0], reverse=True
+        )
+        predictions = [tei_pb2.Prediction(score=score, label=label) for score, label in ranked]
+        return tei_pb2.PredictResponse(
+            predictions=predictions, metadata=_metadata(start, tokenized, [job])
+        )
+
+    async def _rerank(self, request: tei_pb2.RerankRequest) -> tei_pb2.RerankResponse:
+        start = time.perf_counter_ns()
+        self._reranker()
+        texts = list(request.texts)
+        if not texts:
+            raise ValidationError("`texts` cannot be empty")
+        limit = self.settings.max_client_batch_size
+        if len(texts) > limit:
+            raise ValidationError(f"batch size {len(texts)} > maximum allowed batch size {limit}")
+        jobs = [
+            Job(
+                self._encode(
+                    request.query, text, request.truncate, request.truncation_direction, None
+                ),
+                Task.SCORES,
+                raw_scores=request.raw_scores,
+            )
+            for text in texts
+        ]
+        tokenized = time.perf_counter_ns()
+        results = await self._infer(jobs)
+        scores = [result[0] for result in results]
+        return _rerank_response(
+            scores, texts if request.return_text else None, start, tokenized, jobs
+        )
+
+    async def _rerank_stream(self, requests: AsyncIterator[Any]) -> tei_pb2.RerankResponse:
+        start = time.perf_counter_ns()
+        self._reranker()
+        jobs: list[Job] = []
+        texts: list[str] = []
+        waits: list[asyncio.Task[list[Any]]] = []
+        first = None
+        try:
+            async for request in requests:
+                if first is None:
+                    first = request
+                job = Job(
+                    self._encode(
+                        request.query,
+                        request.text,
+                        request.truncate,
+                        request.truncation_direction,
+                        None,
+                    ),
+                    Task.SCORES,
+                    raw_scores=first.raw_scores,
+                )
+                jobs.append(job)
+                texts.append(request.text)
+                waits.append(asyncio.create_task(self._infer([job])))
+            if first is None:
+                raise ValidationError("`texts` cannot be empty")
+            tokenized = time.perf_counter_ns()
+            results = await asyncio.gather(*waits)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        scores = [result[0][0] for result in results]
+        return _rerank_response(
+            scores, texts if first.return_text else None, start, tokenized, jobs
+        )
+
+    def _reranker(self) -> Model:
+        model = self._ready_model()
+        if model.spec.kind is not ModelKind.RERANKER:
+            kind = model.spec.kind.value
+            raise BackendError(f"model is not a re-ranker model (model type: {kind})")
+        return model
+
+    async def _tokenize(self, request: tei_pb2.EncodeRequest) -> tei_pb2.EncodeResponse:
+        metrics.TOKENIZE_COUNT.inc()
+        tokenizer = self._ready_model().tokenizer
+        prompt = tokenizer.prompt(_optional(request, "prompt_name"))
+        tokens = []
+        for info in tokenizer.tokens(request.inputs, request.add_special_tokens, prompt):
+            token = tei_pb2.SimpleToken(id=info.id, text=info.text, special=info.special)
+            if info.start is not None and info.stop is not None:
+                token.start, token.stop = info.start, info.stop
+            tokens.append(token)
+        return tei_pb2.EncodeResponse(tokens=tokens)
+
+    async def _decode(self, request: tei_pb2.DecodeRequest) -> tei_pb2.DecodeResponse:
+        metrics.TOKENIZE_COUNT.inc()
+        tokenizer = self._ready_model().tokenizer
+        return tei_pb2.DecodeResponse(
+            text=tokenizer.decode(list(request.ids), request.skip_special_tokens)
+        )
+
+
+def _resolve(jobs: list[Job], results: list[Any] | BaseException) -> None:
+    """On the event loop: wake every handler waiting on this batch."""
+    for index, job in enumerate(jobs):
+        future = job.handle
+        if future.done():  # the caller went away
+            continue
+        if isinstance(results, BaseException):
+            future.set_exception(BackendError(f"inference failed: {results}"))
+        else:
+            future.set_result(results[index])
+        if job.task is Task.SCORES:
+            metrics.PREDICT_COUNT.inc()
+        else:
+            metrics.EMBED_COUNT.inc()
+
+
+async def _fail(context: Any, method: str, err: ServingError) -> NoReturn:
+    metrics.REQUEST_FAILURE.labels(err.kind).inc()
+    if err.kind not in ("validation", "overloaded"):
+        log.error("%s: %s", method, err.message)
+    await context.abort(err.code, err.message)
+    raise AssertionError("unreachable: abort raises")
+
+
+async def _as_task(work: Awaitable[Response]) -> Response:
+    return await work
+
+
+def _optional(message: Any, field: str) -> str | None:
+    return getattr(message, field) if message.HasField(field) else None
+
+
+def _metadata(start_ns: int, tokenized_ns: int, jobs: Sequence[Job]) -> tei_pb2.Metadata:
+    """TEI's per-request timings; a multi-input request (rerank) sums its inputs' timings."""
+    queue_ns = sum(job.queue_ns for job in jobs)
+    inference_ns = sum(job.inference_ns for job in jobs)
+    tokens = sum(len(job.encoded.ids) for job in jobs)
+    metrics.TOKENIZATION_DURATION.observe((tokenized_ns - start_ns) / 1e9)
+    metrics.QUEUE_DURATION.observe(queue_ns / 1e9)
+    metrics.INFERENCE_DURATION.observe(inference_ns / 1e9)
+    metrics.INPUT_LENGTH.observe(tokens)
+    return tei_pb2.Metadata(
+        compute_chars=sum(job.encoded.chars for job in jobs),
+        compute_tokens=tokens,
+        total_time_ns=time.perf_counter_ns() - start_ns,
+        tokenization_time_ns=tokenized_ns - start_ns,
+        queue_time_ns=queue_ns,
+        inference_time_ns=inference_ns,
+    )
+
+
+def _rerank_response(
+    scores: list[float],
+    texts: list[str] | None,
+    start_ns: int,
+    tokenized_ns: int,
+    jobs: Sequence[Job],
+) -> tei_pb2.RerankResponse:
+    ranks = []
+    for index, score in sorted(enumerate(scores), key=lambda item: item[1], reverse=True):
+        rank = tei_pb2.Rank(index=index, score=score)
+        if texts is not None:
+            rank.text = texts[index]
+        ranks.append(rank)
+    return tei_pb2.RerankResponse(ranks=ranks, metadata=_metadata(start_ns, tokenized_ns, jobs))

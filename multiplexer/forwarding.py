@@ -1,0 +1,347 @@
+"""The TeiMultiplexer service: every call forwarded to the routed instance's `tei.v1` RPC.
+
+Handlers are generic (no protobuf classes): a wrapper's Target is read by a wire scan, the
+inner request bytes go to the instance unchanged and the response bytes come back
+unchanged, so a call costs no parse and no re-serialisation. Streams are forwarded as
+streams, one message at a time in each direction (gRPC flow control end to end, nothing
+buffered), routed by the target of their first message. An instance's status code and
+message reach the client as they are.
+
+Deadlines: a unary call (and an Arrow batch) gets the client's deadline or
+`grpc_request_timeout_secs`, whichever is sooner; a stream gets the client's deadline only,
+since its length is the client's to choose.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from tei.v1 import tei_pb2
+from tei_multiplexer.v1 import multiplexer_pb2
+
+from multiplexer import arrow
+from multiplexer.channels import ChannelPool
+from multiplexer.metrics import UNROUTED, CallMetrics
+from multiplexer.routing import Route, Router, RoutingError
+from multiplexer.wire import Target, WireError, split_wrapper
+
+SERVICE_NAME = "tei_multiplexer.v1.TeiMultiplexer"
+ARROW_METHODS = ("EmbedArrow", "EmbedSparseArrow")
+_HOP_BY_HOP = frozenset({"user-agent", "content-type", "te", "host", "authority"})
+
+Handler = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class ProxiedMethod:
+    name: str
+    upstream_path: str
+    client_streaming: bool
+    server_streaming: bool
+
+
+def proxied_methods() -> list[ProxiedMethod]:
+    """Each TeiMultiplexer method but the Arrow ones, with the tei.v1 method it calls."""
+    upstream = {
+        method.name: f"/{service.full_name}/{method.name}"
+        for service in tei_pb2.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    service = multiplexer_pb2.DESCRIPTOR.services_by_name["TeiMultiplexer"]
+    return [
+        ProxiedMethod(m.name, upstream[m.name], m.client_streaming, m.server_streaming)
+        for m in service.methods
+        if m.name not in ARROW_METHODS
+    ]
+
+
+class Forwarder:
+    def __init__(
+        self,
+        router: Router,
+        pool: ChannelPool,
+        metrics: CallMetrics,
+        request_timeout: float = 30.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.router = router
+        self.pool = pool
+        self.metrics = metrics
+        self.request_timeout = request_timeout
+        self.max_message_bytes = max_message_bytes
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method in proxied_methods():
+            if method.client_streaming and method.server_streaming:
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    self._stream_stream(method)
+                )
+            elif method.client_streaming:
+                handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                    self._stream_unary(method)
+                )
+            elif not method.server_streaming:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    self._unary_unary(method)
+                )
+            else:
+                raise NotImplementedError(f"{method.name}: unary-to-stream is not forwarded")
+        handlers["EmbedArrow"] = grpc.unary_unary_rpc_method_handler(self.embed_arrow)
+        handlers["EmbedSparseArrow"] = grpc.unary_unary_rpc_method_handler(self.embed_sparse_arrow)
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+    # Forwarded calls ------------------------------------------------------------------
+
+    def _unary_unary(self, method: ProxiedMethod) -> Handler:
+        name, path = method.name, method.upstream_path
+
+        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            instance, failure, response = UNROUTED, None, b""
+            try:
+                target, inner = split_wrapper(request)
+                route = self.router.pick(target)
+                instance = route.name
+                try:
+                    response = await self.pool.unary_unary(route.address, path)(
+                        inner, timeout=self._deadline(context), metadata=_metadata(context)
+                    )
+                finally:
+                    self.router.release(route)
+            except Exception as exc:
+                failure = _status(exc)
+            return await self._finish(context, instance, name, started, failure, response)
+
+        return forward
+
+    def _stream_unary(self, method: ProxiedMethod) -> Handler:
+        name, path = method.name, method.upstream_path
+
+        async def forward(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> bytes:
+            started = time.perf_counter()
+            instance, failure, response = UNROUTED, None, b""
+            try:
+                incoming = aiter(requests)
+                first = await anext(incoming, None)
+                if first is None:
+                    raise WireError("the stream carried no request, so no target")
+                target, inner = split_wrapper(first)
+                route = self.router.pick(target)
+                instance = route.name
+                bad: list[WireError] = []
+                try:
+                    response = await self.pool.stream_unary(route.address, path)(
+                        _inner_requests(inner, incoming, bad),
+                        timeout=context.time_remaining(),
+                        metadata=_metadata(context),
+                    )
+                finally:
+                    self.router.release(route)
+                if bad:
+                    raise bad[0]
+            except Exception as exc:
+                failure = _status(exc)
+            return await self._finish(context, instance, name, started, failure, response)
+
+        return forward
+
+    def _stream_stream(self, method: ProxiedMethod) -> Handler:
+        name, path = method.name, method.upstream_path
+
+        async def forward(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
+            started = time.perf_counter()
+            instance, failure = UNROUTED, None
+            route: Route | None = None
+            call: grpc.aio.StreamStreamCall | None = None
+            try:
+                incoming = aiter(requests)
+                first = await anext(incoming, None)
+                if first is not None:
+                    target, inner = split_wrapper(first)
+                    route = self.router.pick(target)
+                    instance = route.name
+                    bad: list[WireError] = []
+                    call = self.pool.stream_stream(route.address, path)(
+                        _inner_requests(inner, incoming, bad),
+                        timeout=context.time_remaining(),
+                        metadata=_metadata(context),
+                    )
+                    async for response in call:
+                        yield response
+                    if bad:
+                        raise bad[0]
+            except Exception as exc:
+                failure = _status(exc)
+            finally:
+                if route is not None:
+                    self.router.release(route)
+                if call is not None and not call.done():
+                    call.cancel()
+            await self._finish(context, instance, name, started, failure, b"")
+
+        return forward
+
+    # Arrow batches --------------------------------------------------------------------
+
+    async def embed_arrow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        instance, failure, response = UNROUTED, None, b""
+        try:
+            message = multiplexer_pb2.EmbedArrowRequest.FromString(request)
+            texts = arrow.read_texts(message.arrow_ipc)
+            route = self.router.pick(_target(message.target))
+            instance = route.name
+            try:
+                if message.noop:
+                    payload = arrow.noop_dense(len(texts))
+                else:
+                    rows = [
+                        tei_pb2.EmbedRequest(
+                            inputs=text, truncate=message.truncate, normalize=message.normalize
+                        ).SerializeToString()
+                        for text in texts
+                    ]
+                    path = "/tei.v1.Embed/EmbedStream"
+                    replies = await self._embed_rows(route, path, rows, self._deadline(context))
+                    payload = arrow.dense_ipc(arrow.dense_from_replies(replies))
+            finally:
+                self.router.release(route)
+            response = self._arrow_reply(payload, multiplexer_pb2.EmbedArrowResponse)
+        except Exception as exc:
+            failure = _status(exc)
+        return await self._finish(context, instance, "EmbedArrow", started, failure, response)
+
+    async def embed_sparse_arrow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        instance, failure, response = UNROUTED, None, b""
+        try:
+            message = multiplexer_pb2.EmbedSparseArrowRequest.FromString(request)
+            texts = arrow.read_texts(message.arrow_ipc)
+            route = self.router.pick(_target(message.target))
+            instance = route.name
+            try:
+                if message.noop:
+                    payload = arrow.noop_sparse(len(texts))
+                else:
+                    rows = [
+                        tei_pb2.EmbedSparseRequest(
+                            inputs=text, truncate=message.truncate
+                        ).SerializeToString()
+                        for text in texts
+                    ]
+                    path = "/tei.v1.Embed/EmbedSparseStream"
+                    replies = await self._embed_rows(route, path, rows, self._deadline(context))
+                    payload = arrow.sparse_ipc(*arrow.sparse_from_replies(replies))
+            finally:
+                self.router.release(route)
+            response = self._arrow_reply(payload, multiplexer_pb2.EmbedSparseArrowResponse)
+        except Exception as exc:
+            failure = _status(exc)
+        return await self._finish(context, instance, "EmbedSparseArrow", started, failure, response)
+
+    async def _embed_rows(
+        self, route: Route, path: str, rows: list[bytes], timeout: float
+    ) -> list[bytes]:
+        """Send the rows as one stream: the instance keeps them all in flight and batches
+        them as its queue allows, and answers in order."""
+        call = self.pool.stream_stream(route.address, path)(iter(rows), timeout=timeout)
+        replies = [reply async for reply in call]
+        if len(replies) != len(rows):
+            raise arrow.InstanceReplyError(
+                f"instance '{route.name}' answered {len(replies)} of {len(rows)} rows"
+            )
+        return replies
+
+    def _arrow_reply(self, payload: bytes, kind: Any) -> bytes:
+        response: bytes = kind(arrow_ipc=payload).SerializeToString()
+        if len(response) > self.max_message_bytes:
+            raise _TooLarge(
+                f"the reply of {len(response)} bytes exceeds the {self.max_message_bytes} byte "
+                "limit (grpc_max_message_size_mb); send fewer rows per batch"
+            )
+        return response
+
+    # Shared ---------------------------------------------------------------------------
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return self.request_timeout if remaining is None else min(remaining, self.request_timeout)
+
+    async def _finish(
+        self,
+        context: grpc.aio.ServicerContext,
+        instance: str,
+        method: str,
+        started: float,
+        failure: tuple[grpc.StatusCode, str] | None,
+        response: bytes,
+    ) -> bytes:
+        code = grpc.StatusCode.OK if failure is None else failure[0]
+        self.metrics.observe(instance, method, code, time.perf_counter() - started)
+        if failure is not None:
+            await context.abort(*failure)
+        return response
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _inner_requests(
+    first: bytes, incoming: AsyncIterator[bytes], bad: list[WireError]
+) -> AsyncIterator[bytes]:
+    """The inner request of each wrapper; a malformed one ends the stream (and the call)."""
+    yield first
+    async for message in incoming:
+        try:
+            yield split_wrapper(message)[1]
+        except WireError as exc:
+            bad.append(exc)
+            return
+
+
+def _target(message: multiplexer_pb2.Target) -> Target:
+    which = message.WhichOneof("routing")
+    if which == "instance_name":
+        return Target(instance_name=message.instance_name)
+    if which == "model_id":
+        return Target(model_id=message.model_id)
+    if which == "instance_index":
+        return Target(instance_index=message.instance_index)
+    return Target()
+
+
+def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code(), exc.details() or ""
+    if isinstance(exc, RoutingError):
+        return exc.code, exc.message
+    if isinstance(exc, WireError | DecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}"
+    if isinstance(exc, arrow.ArrowInputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, _TooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, arrow.InstanceReplyError):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    return grpc.StatusCode.INTERNAL, f"multiplexer error: {type(exc).__name__}: {exc}"
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...] | None:
+    """The client's own metadata (an API key, a request id), without transport headers."""
+    forwarded = tuple(
+        (key, value)
+        for key, value in context.invocation_metadata() or ()
+        if key not in _HOP_BY_HOP and not key.startswith((":", "grpc-"))
+    )
+    return forwarded or None

@@ -1,0 +1,76 @@
+"""`python manage.py runmultiplexer`: the gRPC data plane, until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+from multiplexer.metrics import serve_metrics
+from multiplexer.server import MultiplexerServer, ServerOptions
+
+
+class Command(BaseCommand):
+    help = "Run the gRPC multiplexer (TeiMultiplexer, health, reflection) on TEI_MANAGER_GRPC_PORT."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--host",
+            default=os.environ.get("TEI_MANAGER_GRPC_HOST")
+            or os.environ.get("TEI_MANAGER_BIND")
+            or "127.0.0.1",
+            help="address to listen on (TEI_MANAGER_GRPC_HOST, else TEI_MANAGER_BIND)",
+        )
+        parser.add_argument("--port", type=int, default=None, help="default: grpc_port")
+        parser.add_argument(
+            "--grace",
+            type=float,
+            default=None,
+            help="seconds in-flight calls get to finish (graceful_shutdown_timeout_secs)",
+        )
+        parser.add_argument("--refresh-interval", type=float, default=0.5)
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=int(os.environ.get("TEI_MANAGER_MULTIPLEXER_METRICS_PORT", "9002")),
+            help="Prometheus port of the multiplexer (0: none)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        asyncio.run(self.run(options))
+        self.stdout.write("Done.")
+
+    async def run(self, options: dict[str, Any]) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        if not settings.TEI.grpc_enabled:
+            # Stay up, idle: honcho stops the whole stack when one process exits.
+            self.stdout.write("The gRPC multiplexer is disabled (TEI_MANAGER_GRPC_ENABLED=false).")
+            await stop.wait()
+            return
+        server_options = ServerOptions.from_config(
+            settings.TEI,
+            host=options["host"],
+            port=options["port"],
+            refresh_interval_secs=options["refresh_interval"],
+        )
+        server = MultiplexerServer(server_options)
+        port = await server.start()
+        serve_metrics(options["metrics_port"], options["host"])
+        scheme = "mTLS" if server_options.mtls.enabled else "plaintext"
+        self.stdout.write(
+            f"The multiplexer is now running on {options['host']}:{port} ({scheme}), "
+            f"metrics on port {options['metrics_port'] or 'none'}.",
+        )
+        await stop.wait()
+        grace = options["grace"]
+        if grace is None:
+            grace = float(settings.TEI.graceful_shutdown_timeout_secs)
+        self.stdout.write(f"Stopping: finishing in-flight calls (up to {grace:g} s)…")
+        await server.stop(grace)

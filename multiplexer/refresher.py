@@ -1,0 +1,111 @@
+"""Keeps the Router's table in step with the Instance rows, and says the multiplexer is alive.
+
+A background thread reads the database every `interval` seconds (0.5 s by default, so a
+created, stopped or deleted instance is routable or refused within a second) and swaps a
+new immutable table in when anything changed. A failed read keeps the last good table.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from django.apps import apps
+from django.db import close_old_connections, connection
+from django.utils import timezone
+
+from multiplexer.routing import Route, Router, RoutingTable
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_NAME = "multiplexer"
+
+
+def load_routing_table() -> RoutingTable:
+    """Read every instance, whatever its state: a known but stopped one is UNAVAILABLE."""
+    from instances.models import Instance
+
+    rows = Instance.objects.values_list("name", "model_id", "host", "port", "status")
+    return RoutingTable.build(
+        Route(name=name, model_id=model_id, address=dial_address(host, port), status=status)
+        for name, model_id, host, port, status in rows
+    )
+
+
+def dial_address(host: str, port: int) -> str:
+    host = host or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def record_heartbeat(name: str = HEARTBEAT_NAME) -> bool:
+    """Upsert `instances.Heartbeat(name, last_seen)`; False where that model does not exist."""
+    try:
+        heartbeat = apps.get_model("instances", "Heartbeat")
+    except LookupError:
+        return False
+    heartbeat.objects.update_or_create(name=name, defaults={"last_seen": timezone.now()})
+    return True
+
+
+class RoutingRefresher:
+    def __init__(
+        self,
+        router: Router,
+        interval: float = 0.5,
+        heartbeat_interval: float = 5.0,
+        on_change: Callable[[RoutingTable], None] | None = None,
+    ) -> None:
+        self.router = router
+        self.interval = interval
+        self.heartbeat_interval = heartbeat_interval
+        self.on_change = on_change
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_heartbeat = 0.0
+        self._failing = False
+
+    def start(self) -> None:
+        self.refresh_once()
+        self._thread = threading.Thread(target=self._run, name="routing-refresher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def refresh_once(self) -> bool:
+        """Reload the table; True when it changed."""
+        try:
+            close_old_connections()
+            table = load_routing_table()
+            if time.monotonic() >= self._next_heartbeat:
+                record_heartbeat()
+                self._next_heartbeat = time.monotonic() + self.heartbeat_interval
+        except Exception as exc:
+            if not self._failing:
+                log.warning("cannot read the instance table, keeping the last one: %s", exc)
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("reading the instance table again")
+        self._failing = False
+        if table == self.router.table:
+            return False
+        self.router.update(table)
+        if self.on_change is not None:
+            self.on_change(table)
+        return True
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                self.refresh_once()
+        finally:
+            connection.close()

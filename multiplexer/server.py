@@ -1,0 +1,156 @@
+"""The multiplexer's gRPC server: TeiMultiplexer, grpc.health.v1 and server reflection.
+
+An asyncio server (one event loop forwards every call and stream; a thread per stream
+would not scale to `grpc_max_parallel_streams`), fed by the routing refresher thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from multiplexer.channels import ChannelPool
+from multiplexer.forwarding import SERVICE_NAME, Forwarder
+from multiplexer.metrics import CallMetrics
+from multiplexer.refresher import RoutingRefresher
+from multiplexer.routing import Router, RoutingTable
+from multiplexer.tls import SubjectCheck, server_credentials
+from teimanager.config import Config, MtlsConfig
+
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "0.0.0.0"
+    port: int = 9001
+    max_message_size_mb: int = 64
+    max_parallel_streams: int = 1024
+    request_timeout_secs: float = 30.0
+    refresh_interval_secs: float = 0.5
+    mtls: MtlsConfig = field(default_factory=MtlsConfig)
+
+    @classmethod
+    def from_config(cls, config: Config, **overrides: Any) -> ServerOptions:
+        values: dict[str, Any] = {
+            "port": config.grpc_port,
+            "max_message_size_mb": config.grpc_max_message_size_mb,
+            "max_parallel_streams": config.grpc_max_parallel_streams,
+            "request_timeout_secs": config.grpc_request_timeout_secs,
+            "mtls": config.mtls,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_size_mb * 1024 * 1024
+
+    def message_size_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+
+
+class MultiplexerServer:
+    """Start it on an event loop; `port` is the bound port once `start` returns."""
+
+    def __init__(self, options: ServerOptions, router: Router | None = None) -> None:
+        self.options = options
+        self.router = router or Router()
+        self.pool = ChannelPool(options.message_size_options())
+        self.refresher = RoutingRefresher(
+            self.router, options.refresh_interval_secs, on_change=self._table_changed
+        )
+        self.health = HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        # Django refuses ORM calls on a thread that runs an event loop: load off the loop.
+        await asyncio.to_thread(self.refresher.start)
+        options = self.options
+        interceptors = [SubjectCheck(options.mtls.allowed_subjects)]
+        server = grpc.aio.server(
+            options=[
+                *options.message_size_options(),
+                ("grpc.max_concurrent_streams", options.max_parallel_streams),
+                ("grpc.so_reuseport", 0),
+            ],
+            interceptors=interceptors if options.mtls.allowed_subjects else None,
+        )
+        forwarder = Forwarder(
+            self.router,
+            self.pool,
+            CallMetrics(),
+            request_timeout=options.request_timeout_secs,
+            max_message_bytes=options.max_message_bytes,
+        )
+        server.add_generic_rpc_handlers((forwarder.generic_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{options.host}:{options.port}"
+        if options.mtls.enabled:
+            self.port = server.add_secure_port(address, server_credentials(options.mtls))
+        else:
+            self.port = server.add_insecure_port(address)
+        await server.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self.health.set("", serving)
+        await self.health.set(SERVICE_NAME, serving)
+        self._server = server
+        return self.port
+
+    async def stop(self, grace: float | None = 10.0) -> None:
+        """Refuse new calls, let in-flight ones finish within `grace` seconds, then close."""
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await asyncio.to_thread(self.refresher.stop)
+        await self.pool.close()
+
+    def _table_changed(self, table: RoutingTable) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.pool.retain, table.addresses)
+
+
+class BackgroundMultiplexer:
+    """A MultiplexerServer on its own thread and event loop (tests, benchmarks)."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.server: MultiplexerServer | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> int:
+        self._thread.start()
+        self.server = MultiplexerServer(self.options)
+        future = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop)
+        return future.result(timeout=30)
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> BackgroundMultiplexer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

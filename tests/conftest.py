@@ -1,0 +1,324 @@
+"""Shared fixtures for the whole suite.
+
+Isolation (set up when this file is imported, before any test runs):
+- the test database is a *file* (`SESSION_DIR/test.sqlite3`), so a Celery worker
+  subprocess, a gunicorn or the multiplexer can open it; tests whose rows other processes
+  must see need `@pytest.mark.django_db(transaction=True)`;
+- Celery talks to Redis DB `TEST_REDIS_DB` (15) with queue names unique to this session
+  (`TEST_DEFAULT_QUEUE`, node `TEST_NODE`), so it never meets a running `make run` or
+  another test session;
+- instance ports come from a range picked for this session; logs go to `TEST_LOG_DIR`;
+- settings.TEI is the test config (`TEST_CONFIG_FILE`): health checks every second.
+
+Fixtures:
+- `manager_worker`: a real Celery worker (prefork, with an embedded beat that runs the
+  reconcile tick every second) serving node `TEST_NODE`, started once per session; at the
+  end of each test that used it, every instance's process is killed and its row removed.
+- `fake_worker`: the same for node `FAKE_NODE`, whose TEI_BINARY_PATH is `FAKE_TEI` (see
+  tests/fake_tei.py: `crash/...` model ids exit 1, `hang/...` never get healthy, others
+  serve grpc.health only); it sets settings.NODE_NAME so that creates land on it.
+- `start_worker(node, **env)`: start an extra worker on another node (crash tests,
+  adoption); it is stopped at the end of the test. `Worker.kill()` simulates a crash.
+- `running_instance(name, **fields)`: create through the lifecycle service and wait until
+  `running`; `wait_for_status(name, *statuses)`; `wait_until(predicate)`.
+- `log_dir`: the log directory the workers write to (TEST_LOG_DIR).
+- `api`: a DRF APIClient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from teimanager.celery import app as celery_app
+from teimanager.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SESSION_ID = uuid.uuid4().hex[:8]
+SESSION_DIR = Path(tempfile.mkdtemp(prefix=f"teimanager-tests-{SESSION_ID}-"))
+TEST_DB = SESSION_DIR / "test.sqlite3"
+TEST_LOG_DIR = SESSION_DIR / "logs"
+TEST_REDIS_DB = 15
+TEST_BROKER_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
+TEST_NODE = f"test-{SESSION_ID}"
+TEST_DEFAULT_QUEUE = f"tests-{SESSION_ID}"
+_PORT_BASE = random.Random(SESSION_ID).randrange(20000, 40000, 400)
+FAKE_NODE = f"fake-{SESSION_ID}"
+FAKE_TEI = SESSION_DIR / "fake-tei"
+FAKE_TEI.write_text(
+    f"#!{sys.executable}\n"
+    f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+    "import fake_tei\nfake_tei.main(sys.argv[1:])\n"
+)
+FAKE_TEI.chmod(0o755)
+TEST_CONFIG_FILE = SESSION_DIR / "tei-manager.toml"
+TEST_CONFIG_FILE.write_text(
+    f"""
+health_check_interval_secs = 1
+startup_timeout_secs = 120
+max_failures_before_restart = 3
+graceful_shutdown_timeout_secs = 5
+auto_restore_on_restart = true
+max_instances = 100
+instance_port_start = {_PORT_BASE}
+instance_port_end = {_PORT_BASE + 199}
+prometheus_port_start = {_PORT_BASE + 200}
+prometheus_port_end = {_PORT_BASE + 399}
+"""
+)
+TEST_ENV = {
+    "DJANGO_SETTINGS_MODULE": "teimanager.settings",
+    "TEI_MANAGER_CONFIG": str(TEST_CONFIG_FILE),
+    "TEI_MANAGER_STATE_FILE": str(TEST_DB),
+    "TEI_MANAGER_LOG_DIR": str(TEST_LOG_DIR),
+    "TEI_MANAGER_NODE": TEST_NODE,
+    "TEI_MANAGER_HEALTH_CHECK_INTERVAL": "1",
+    "TEI_BINARY_PATH": "",
+    "CELERY_BROKER_URL": TEST_BROKER_URL,
+    "CELERY_TASK_DEFAULT_QUEUE": TEST_DEFAULT_QUEUE,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "proto")]),
+}
+
+
+def _isolate() -> None:
+    for key in ("TEI_MANAGER_STATE_FILE", "TEI_MANAGER_LOG_DIR", "TEI_MANAGER_CONFIG"):
+        os.environ[key] = TEST_ENV[key]
+    os.environ.pop("TEI_BINARY_PATH", None)
+    settings.TEI = load_config(env=TEST_ENV)
+    settings.LOG_DIR = TEST_LOG_DIR
+    settings.NODE_NAME = TEST_NODE
+    settings.CELERY_BROKER_URL = TEST_BROKER_URL
+    settings.CELERY_TASK_DEFAULT_QUEUE = TEST_DEFAULT_QUEUE
+    celery_app.conf.broker_url = TEST_BROKER_URL
+    celery_app.conf.task_default_queue = TEST_DEFAULT_QUEUE
+    TEST_LOG_DIR.mkdir(parents=True, exist_ok=True)
+
+
+_isolate()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _drop_test_queues()
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings() -> None:
+    settings.DATABASES["default"].setdefault("TEST", {})["NAME"] = str(TEST_DB)
+
+
+@pytest.fixture
+def log_dir() -> Path:
+    return TEST_LOG_DIR
+
+
+@pytest.fixture
+def api() -> Any:
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+class Worker:
+    """A `celery worker -B` subprocess serving one node."""
+
+    def __init__(self, node: str, env: dict[str, str], name: str) -> None:
+        self.node = node
+        self.log_file = SESSION_DIR / f"worker-{name}.log"
+        self.env = {**os.environ, **TEST_ENV, "TEI_MANAGER_NODE": node, **env}
+        self.env.pop("DATABASE_URL", None)
+        self.schedule = SESSION_DIR / f"beat-{name}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Worker:
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "teimanager",
+                    "worker",
+                    "-B",
+                    "--schedule",
+                    str(self.schedule),
+                    "--pool",
+                    "prefork",
+                    "--concurrency",
+                    "2",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "--without-heartbeat",
+                    "--loglevel",
+                    "INFO",
+                    "--hostname",
+                    f"{self.node}@%h",
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_file.read_bytes()[offset:].decode(errors="replace")
+            if " ready." in text:
+                return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"celery worker did not start:\n{self.log_text()[-4000:]}")
+
+    def stop(self, timeout: float = 20) -> None:
+        """Warm shutdown (SIGTERM), like Ctrl-C on `make run`."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """A crash: SIGKILL the worker and its pool (instances live in their own sessions)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def _session_worker(django_db_setup: None, django_db_blocker: Any) -> Iterator[Worker]:
+    worker = Worker(TEST_NODE, {}, "session").start()
+    yield worker
+    with django_db_blocker.unblock():
+        kill_all_instances()
+    worker.stop()
+
+
+@pytest.fixture
+def manager_worker(_session_worker: Worker, transactional_db: None) -> Iterator[Worker]:
+    yield _session_worker
+    kill_all_instances()
+
+
+@pytest.fixture(scope="session")
+def _fake_session_worker(django_db_setup: None, django_db_blocker: Any) -> Iterator[Worker]:
+    worker = Worker(FAKE_NODE, {"TEI_BINARY_PATH": str(FAKE_TEI)}, "fake").start()
+    yield worker
+    with django_db_blocker.unblock():
+        kill_all_instances()
+    worker.stop()
+
+
+@pytest.fixture
+def fake_worker(
+    _fake_session_worker: Worker, transactional_db: None, settings: Any
+) -> Iterator[Worker]:
+    settings.NODE_NAME = FAKE_NODE
+    yield _fake_session_worker
+    kill_all_instances()
+
+
+@pytest.fixture
+def start_worker(transactional_db: None) -> Iterator[Callable[..., Worker]]:
+    started: list[Worker] = []
+
+    def start(node: str, **env: str) -> Worker:
+        worker = Worker(node, env, f"{node}-{len(started)}").start()
+        started.append(worker)
+        return worker
+
+    yield start
+    kill_all_instances()
+    for worker in started:
+        worker.stop()
+
+
+def kill_all_instances() -> None:
+    """SIGKILL every instance process the database knows, then remove the rows."""
+    from instances import process
+    from instances.models import Instance
+
+    for pid, started in Instance.objects.exclude(pid=None).values_list("pid", "process_started_at"):
+        if process.is_alive(pid, started):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    Instance.objects.all().delete()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60, message: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+        time.sleep(0.1)
+
+
+def wait_for_status(name: str, *statuses: str, timeout: float = 90) -> Any:
+    """Wait until instance `name` is in one of `statuses`; returns the Instance."""
+    from instances.models import Instance
+
+    def current() -> Any:
+        instance = Instance.objects.filter(name=name).first()
+        return instance if instance is not None and instance.status in statuses else None
+
+    try:
+        return wait_until(current, timeout, f"{name} to be {'/'.join(statuses)}")
+    except AssertionError:
+        instance = Instance.objects.filter(name=name).first()
+        state = "gone" if instance is None else f"{instance.status}: {instance.last_error}"
+        raise AssertionError(
+            f"{name} not {'/'.join(statuses)} after {timeout}s ({state})"
+        ) from None
+
+
+@pytest.fixture
+def running_instance(manager_worker: Worker) -> Callable[..., Any]:
+    from instances import services
+    from instances.models import Status
+
+    def create(name: str, model_id: str = "sentence-transformers/all-MiniLM-L6-v2", **fields: Any):
+        services.create_instance(name=name, model_id=model_id, **fields)
+        return wait_for_status(name, Status.RUNNING, Status.FAILED)
+
+    return create
+
+
+def _drop_test_queues() -> None:
+    try:
+        import redis
+
+        client = redis.Redis.from_url(TEST_BROKER_URL, socket_connect_timeout=1)
+        keys = [k for k in client.scan_iter(f"*{SESSION_ID}*")]
+        if keys:
+            client.delete(*keys)
+    except Exception:
+        pass

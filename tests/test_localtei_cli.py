@@ -1,0 +1,92 @@
+"""`python -m localtei` as a process: flags, start-up failures, logs, shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.localtei_fixtures import (
+    MINILM_ID,
+    REPO_ROOT,
+    free_port,
+    launch_localtei,
+    localtei_env,
+)
+
+
+def run_localtei(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "localtei", *args],
+        cwd=REPO_ROOT,
+        env=localtei_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_it_rejects_an_unknown_flag_naming_it() -> None:
+    result = run_localtei("--model-id", MINILM_ID, "--no-such-flag", "1")
+    assert result.returncode != 0
+    assert "--no-such-flag" in result.stderr
+
+
+def test_it_rejects_a_pooling_tei_does_not_have() -> None:
+    result = run_localtei("--pooling", "max")
+    assert result.returncode != 0
+    assert "--pooling" in result.stderr
+
+
+def test_it_fails_fast_with_one_clear_line_when_the_model_is_missing() -> None:
+    started = time.monotonic()
+    result = run_localtei("--model-id", "nobody/no-such-model", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert time.monotonic() - started < 20  # no torch import, no model load
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    (error,) = [line for line in lines if "ERROR" in line]
+    assert "model 'nobody/no-such-model' not found" in error
+    assert "Hugging Face cache" in error and "packaged" in error
+
+
+def test_it_fails_the_start_when_splade_pooling_has_no_mlm_head() -> None:
+    result = run_localtei(
+        "--model-id", MINILM_ID, "--pooling", "splade", "--port", str(free_port())
+    )
+    assert result.returncode == 1
+    (error,) = [line for line in result.stdout.splitlines() if "ERROR" in line]
+    assert "ForMaskedLM" in error
+
+
+def test_it_fails_the_start_when_the_directory_holds_no_model(tmp_path: Path) -> None:
+    result = run_localtei("--model-id", str(tmp_path), "--json-output", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert '"level": "ERROR"' in result.stdout and "config.json" in result.stdout
+
+
+def test_it_exits_0_on_sigterm_even_while_loading_the_model(tmp_path: Path) -> None:
+    # Every server started with start_localtei() is also checked to exit 0 once Ready.
+    server = launch_localtei(MINILM_ID, log_path=tmp_path / "localtei.log")
+    try:
+        deadline = time.monotonic() + 60
+        while "NOT_SERVING" not in server.health_seen and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):  # we want the NOT_SERVING phase
+                server.wait_until_serving(timeout=0.2)
+        assert server.health_seen[-1] == "NOT_SERVING", server.log_text()
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 10
+    finally:
+        server.stop()
+    assert "Signal received while loading the model" in server.log_text()
+
+
+@pytest.mark.parametrize("flag", ["--otlp-endpoint", "--api-key", "--uds-path", "--revision"])
+def test_it_accepts_teis_other_flags(flag: str) -> None:
+    from localtei.cli import parse_args
+
+    assert parse_args([flag, "value"]).model_id == MINILM_ID

@@ -1,0 +1,95 @@
+"""Instance processes: the launch contract, no shell, own process group, no orphans."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from instances import process
+from instances.models import Instance
+
+
+def make_instance(**fields: object) -> Instance:
+    values: dict[str, object] = {"name": "p", "model_id": "org/model", "port": 8080}
+    values |= {"prometheus_port": 9100, **fields}
+    return Instance(**values)
+
+
+def test_it_builds_the_launch_contract() -> None:
+    command = process.build_command(
+        make_instance(pooling="splade", extra_args=["--dtype", "float16"]), ""
+    )
+    assert command[:3] == [sys.executable, "-m", "localtei"]
+    assert command[3:] == [
+        "--model-id", "org/model", "--port", "8080", "--max-batch-tokens", "16384",
+        "--max-concurrent-requests", "512", "--json-output", "--prometheus-port", "9100",
+        "--pooling", "splade", "--auto-truncate", "--dtype", "float16",
+    ]  # fmt: skip
+    plain = process.build_command(make_instance(auto_truncate=False), "")
+    assert "--pooling" not in plain and "--auto-truncate" not in plain
+
+
+def test_it_uses_tei_binary_path_only_when_it_is_executable(tmp_path: Path) -> None:
+    router = tmp_path / "text-embeddings-router"
+    router.write_text("#!/bin/sh\n")
+    assert process.binary_command(str(router))[0] == sys.executable
+    router.chmod(0o755)
+    assert process.binary_command(str(router)) == [str(router)]
+    assert process.binary_command("")[1:] == ["-m", "localtei"]
+
+
+def test_it_pins_the_gpu_and_keeps_the_environment(monkeypatch: object) -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    assert process.build_env(make_instance(gpu_id=3))["CUDA_VISIBLE_DEVICES"] == "3"
+    env = process.build_env(make_instance())
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] == os.environ.get(
+        "CUDA_VISIBLE_DEVICES"
+    )
+
+
+def test_it_passes_arguments_verbatim_and_stops_the_whole_group(tmp_path: Path) -> None:
+    marker = tmp_path / "injected"
+    script = tmp_path / "router"
+    # A router that starts a child of its own and prints its arguments.
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import subprocess, sys, time\n"
+        "print(sys.argv[1:], flush=True)\n"
+        "subprocess.Popen(['sleep', '600'])\n"
+        "time.sleep(600)\n"
+    )
+    script.chmod(0o755)
+    instance = make_instance(
+        name="group", model_id=f"m;touch {marker}", extra_args=[f"$(touch {marker})"]
+    )
+    spawned = process.spawn(instance, str(script), tmp_path)
+    try:
+        proc = psutil.Process(spawned.pid)
+        deadline = time.monotonic() + 10
+        while not proc.children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [child] = proc.children()
+        assert os.getpgid(spawned.pid) == spawned.pid != os.getpgid(0)
+        assert process.is_alive(spawned.pid, spawned.create_time)
+        assert not process.is_alive(spawned.pid, spawned.create_time + 5)
+    finally:
+        process.terminate(spawned.pid, spawned.create_time, 2)
+    assert not process.is_alive(spawned.pid, spawned.create_time)
+    deadline = time.monotonic() + 5
+    while child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the router's child outlived it"
+        time.sleep(0.05)
+    assert not marker.exists()
+    log = (tmp_path / "group.log").read_text()
+    assert f"'m;touch {marker}'" in log and f"'$(touch {marker})'" in log
+
+
+def test_it_tails_the_log(tmp_path: Path) -> None:
+    (tmp_path / "t.log").write_text("".join(f"{i}\n" for i in range(100)))
+    assert process.tail(tmp_path / "t.log", 3) == ["97", "98", "99"]
+    assert process.tail(tmp_path / "missing.log", 3) == []
