@@ -15,12 +15,14 @@ In-process API (the server's own code path, for baselines and scripts)::
 `load_model(model_id, pooling=None, dtype=None, *, revision=None, cache_dir=None,
 device=None)` finds the model (a directory, the Hugging Face cache offline, or a packaged
 model) and raises `localtei.errors.StartupError` when it cannot. The returned `Model` also
-offers `run(jobs)` (one padded forward pass over `localtei.model.Job`s), `spec` (kind,
+offers `run(jobs)` (one padded forward pass over `localtei.jobs.Job`s), `spec` (kind,
 pooling, labels, max_input_length) and `tokenizer` (a `localtei.tokenization.TextTokenizer`).
+`localtei.model.default_num_threads()` is the torch thread count the server uses.
 
 Modules: cli (flags), lookup (where the files are), spec (what the model is), tokenization,
-model (loading and forward passes), batching (queue and inference thread), services (the
-`tei.v1` servicers), server (start-up, health, reflection, shutdown), metrics, logs.
+jobs (the unit of work), model (loading and forward passes), batching (queue and inference
+thread), services (the `tei.v1` servicers), server (start-up, health, reflection,
+shutdown), metrics (`te_*`; prometheus_client adds `_total` to counters), logs.
 """
 
 __version__ = "0.1.0"

@@ -82,6 +82,7 @@ class TeiService(
         self._loop: asyncio.AbstractEventLoop | None = None
         self._permits = asyncio.Semaphore(settings.max_concurrent_requests)
         self._bearer = f"Bearer {settings.api_key}" if settings.api_key else None
+        self._unsubmitted: list[Job] = []
 
     def attach(self, model: Model, batcher: Batcher) -> None:
         """Start answering with `model`; call on the event loop."""
@@ -235,6 +236,9 @@ class TeiService(
                     response = await task
                 except ServingError as err:
                     await _fail(context, method, err)
+                except Exception as exc:  # noqa: BLE001 - a bug must not leak a traceback
+                    log.exception("%s failed", method)
+                    await _fail(context, method, BackendError(f"internal error: {exc}"))
                 metrics.REQUEST_SUCCESS.labels(method).inc()
                 metrics.REQUEST_DURATION.observe(time.perf_counter() - start)
                 yield response
@@ -257,18 +261,16 @@ class TeiService(
                 metrics.REQUEST_COUNT.labels(method).inc()
                 if infer:
                     await self._permits.acquire()
-                    task = asyncio.create_task(self._permitted(work(request)))
-                else:
-                    task = asyncio.create_task(_as_task(work(request)))
+                task = asyncio.create_task(_as_task(work(request)))
+                if infer:
+                    # A callback, not a `finally`: it runs even for a task cancelled unstarted.
+                    task.add_done_callback(self._release_permit)
                 pending.put_nowait(task)
         finally:
             pending.put_nowait(None)
 
-    async def _permitted(self, work: Awaitable[Response]) -> Response:
-        try:
-            return await work
-        finally:
-            self._permits.release()
+    def _release_permit(self, _: object) -> None:
+        self._permits.release()
 
     def _admit(self, context: Any) -> Model:
         if self._bearer is not None:
@@ -285,10 +287,19 @@ class TeiService(
         for job in jobs:
             job.handle = self._loop.create_future()
             futures.append(job.handle)
-        self._batcher.submit(jobs)
+        # Requests the event loop reads in one pass reach the queue together (no timer: the
+        # hand-over runs as soon as this pass of ready callbacks is done).
+        if not self._unsubmitted:
+            self._loop.call_soon(self._submit_pending)
+        self._unsubmitted.extend(jobs)
         if len(futures) == 1:
             return [await futures[0]]
         return list(await asyncio.gather(*futures))
+
+    def _submit_pending(self) -> None:
+        assert self._batcher is not None
+        jobs, self._unsubmitted = self._unsubmitted, []
+        self._batcher.submit(jobs)
 
     def _encode(
         self, text: str, pair: str | None, truncate: bool, direction: int, prompt: str | None
