@@ -122,11 +122,15 @@ def measure(direct: str, routed: str) -> list[tuple[str, str, str, str, str]]:
         texts = generate_texts(ARROW_TEXTS)
         model = load_in_process_model()
         model.embed(texts[:64])
-        arrow_tp, local_tp = [], []
+        rows_direct = [tei_pb2.EmbedRequest(inputs=t, normalize=True) for t in texts]
+        arrow_tp, local_tp, stream_tp = [], [], []
         for _ in range(ARROW_ROUNDS):
+            started = time.perf_counter()
+            assert len(list(d_embed.EmbedStream(iter(rows_direct), timeout=300))) == len(texts)
+            stream_tp.append(len(texts) / (time.perf_counter() - started))
             arrow_tp.append(arrow_throughput(r_stub, target, texts))
             started = time.perf_counter()
-            model.embed(texts, normalize=True)
+            model.embed(texts, normalize=True, batch_size=ARROW_BATCH)
             local_tp.append(len(texts) / (time.perf_counter() - started))
 
     d50, r50 = percentile(d_lat, 50), percentile(r_lat, 50)
@@ -134,6 +138,7 @@ def measure(direct: str, routed: str) -> list[tuple[str, str, str, str, str]]:
     dtp, rtp = statistics.median(d_tp), statistics.median(r_tp)
     ds, rs = statistics.median(d_stream), statistics.median(r_stream)
     atp, ltp = statistics.median(arrow_tp), statistics.median(local_tp)
+    stp = statistics.median(stream_tp)
     return [
         row(
             "unary Embed p50",
@@ -160,6 +165,14 @@ def measure(direct: str, routed: str) -> list[tuple[str, str, str, str, str]]:
             atp / ltp,
             "≥ 0.90",
             atp / ltp >= 0.90,
+        ),
+        row(
+            "EmbedArrow vs the same rows as one direct EmbedStream, texts/s",
+            f"{stp:.0f}",
+            f"{atp:.0f}",
+            atp / stp,
+            "–",
+            None,
         ),
     ]
 
@@ -236,8 +249,10 @@ def render(rows: list[tuple[str, str, str, str, str]]) -> str:
         "",
         f"Same run, same localtei instance ({MODEL_ID}, CPU), {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{platform.machine()} × {os.cpu_count()} CPUs, Python {platform.python_version()}.",
-        "Direct = the instance's own port; routed = through the multiplexer (in-process, "
-        'plaintext, loopback). For Arrow, "direct" is the model called in-process.',
+        "Direct = the instance's own port; routed = through `manage.py runmultiplexer` "
+        "(its own process, plaintext, loopback). For Arrow, direct = the model called "
+        "in-process (`localtei.model.Model.embed`) in batches of the same size.",
+        f"Load average when done: {', '.join(f'{x:.2f}' for x in os.getloadavg())}.",
         "",
         "| measure | direct | via multiplexer | ratio | goal |",
         "|---|---|---|---|---|",

@@ -3,8 +3,9 @@
 Handlers are generic (no protobuf classes): a wrapper's Target is read by a wire scan, the
 inner request bytes go to the instance unchanged and the response bytes come back
 unchanged, so a call costs no parse and no re-serialisation. Streams are forwarded as
-streams, one message at a time in each direction (gRPC flow control end to end, nothing
-buffered), routed by the target of their first message. An instance's status code and
+streams, one message at a time in each direction: the next message is read only once the
+previous one was handed on, so gRPC flow control reaches from the instance to the client.
+A stream is routed by the target of its first message. An instance's status code and
 message reach the client as they are.
 
 Deadlines: a unary call (and an Arrow batch) gets the client's deadline or
@@ -132,7 +133,9 @@ class Forwarder:
                 incoming = aiter(requests)
                 first = await anext(incoming, None)
                 if first is None:
-                    raise WireError("the stream carried no request, so no target")
+                    raise RoutingError(
+                        grpc.StatusCode.INVALID_ARGUMENT, "the stream carried no request: no target"
+                    )
                 target, inner = split_wrapper(first)
                 route = self.router.pick(target)
                 instance = route.name

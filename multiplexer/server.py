@@ -80,14 +80,15 @@ class MultiplexerServer:
         # Django refuses ORM calls on a thread that runs an event loop: load off the loop.
         await asyncio.to_thread(self.refresher.start)
         options = self.options
-        interceptors = [SubjectCheck(options.mtls.allowed_subjects)]
+        check_subjects = options.mtls.enabled and bool(options.mtls.allowed_subjects)
+        interceptors = [SubjectCheck(options.mtls.allowed_subjects)] if check_subjects else None
         server = grpc.aio.server(
             options=[
                 *options.message_size_options(),
                 ("grpc.max_concurrent_streams", options.max_parallel_streams),
                 ("grpc.so_reuseport", 0),
             ],
-            interceptors=interceptors if options.mtls.allowed_subjects else None,
+            interceptors=interceptors,
         )
         forwarder = Forwarder(
             self.router,

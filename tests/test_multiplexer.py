@@ -368,6 +368,14 @@ def test_it_maps_routing_failures_to_status_codes(
         )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+        # A bidirectional stream: nothing in, nothing out; a malformed message ends it.
+        embed_stream = channel.stream_stream("/tei_multiplexer.v1.TeiMultiplexer/EmbedStream")
+        assert list(embed_stream(iter([]))) == []
+        good = mux.EmbedRequest(target=target("minilm"), request=embed).SerializeToString()
+        error = rpc_error(lambda: embed_stream(iter([good, b"\x0a\x09garbage", good])))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed request" in error.details()
+
 
 def test_it_sees_created_stopped_and_deleted_instances_within_a_second(
     stub: Any, multiplexer: BackgroundMultiplexer, rows: dict[str, Any], servers: Any

@@ -8,7 +8,7 @@ import signal
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from multiplexer.metrics import serve_metrics
 from multiplexer.server import MultiplexerServer, ServerOptions
@@ -60,9 +60,20 @@ class Command(BaseCommand):
             port=options["port"],
             refresh_interval_secs=options["refresh_interval"],
         )
+        try:
+            serve_metrics(options["metrics_port"], options["host"])
+        except OSError as exc:
+            raise CommandError(
+                f"cannot serve metrics on port {options['metrics_port']} "
+                f"(TEI_MANAGER_MULTIPLEXER_METRICS_PORT): {exc}"
+            ) from None
         server = MultiplexerServer(server_options)
-        port = await server.start()
-        serve_metrics(options["metrics_port"], options["host"])
+        try:
+            port = await server.start()
+        except RuntimeError as exc:
+            raise CommandError(
+                f"cannot listen on {options['host']}:{server_options.port}: {exc}"
+            ) from None
         scheme = "mTLS" if server_options.mtls.enabled else "plaintext"
         self.stdout.write(
             f"The multiplexer is now running on {options['host']}:{port} ({scheme}), "
