@@ -102,15 +102,24 @@ class Instance(models.Model):
     def log_name(self) -> str:
         return f"{self.name}.log"
 
-    def transition(self, from_states: Iterable[str], to_status: str, **fields: Any) -> bool:
-        """Compare-and-set: move to `to_status` only if the row is still in `from_states`.
+    def transition(
+        self,
+        from_states: Iterable[str],
+        to_status: str,
+        *,
+        same_process: bool = False,
+        **fields: Any,
+    ) -> bool:
+        """Compare-and-set: move to `to_status` only if the row is still in `from_states`
+        (and, with `same_process`, still records the pid this object read).
 
         Returns False (and changes nothing) when another process got there first.
         """
         fields = {"status": to_status, **fields}
-        updated = Instance.objects.filter(pk=self.pk, status__in=list(from_states)).update(
-            updated_at=timezone.now(), **fields
-        )
+        rows = Instance.objects.filter(pk=self.pk, status__in=list(from_states))
+        if same_process:
+            rows = rows.filter(pid=self.pid)
+        updated = rows.update(updated_at=timezone.now(), **fields)
         if updated:
             for key, value in fields.items():
                 if not hasattr(value, "resolve_expression"):

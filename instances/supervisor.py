@@ -32,7 +32,15 @@ def launch(pk: int) -> None:
     if instance.next_restart_at and instance.next_restart_at > timezone.now():
         return  # backing off: a later reconcile tick launches it
     old_pid, old_create_time = instance.pid, instance.process_started_at
-    if not instance.transition([Status.PENDING], Status.STARTING, started_at=timezone.now()):
+    # The old pid leaves the row here: until the new one is saved, a concurrent tick sees
+    # "being spawned", not a dead process to restart.
+    if not instance.transition(
+        [Status.PENDING],
+        Status.STARTING,
+        started_at=timezone.now(),
+        pid=None,
+        process_started_at=None,
+    ):
         return
     process.terminate(old_pid, old_create_time, _grace())
     try:
@@ -241,10 +249,15 @@ def _converge_starting(instance: Instance, alive: bool, healthy: bool) -> None:
     if not alive:
         _restart_or_fail(instance, f"process exited during startup: {_log_tail(instance)}")
     elif _seconds_since(instance.started_at) > timeout:
-        process.terminate(instance.pid, instance.process_started_at, _grace())
         reason = f"not healthy within startup_timeout_secs={timeout}: {_log_tail(instance)}"
-        instance.transition([Status.STARTING], Status.FAILED, pid=None, last_error=reason)
-        log.warning("instance %s: failed: %s", instance.name, reason)
+        # Win the compare-and-set before killing, so that a concurrent tick that sees the
+        # process die cannot take it for a crash and restart it.
+        pid, started_at = instance.pid, instance.process_started_at
+        if instance.transition(
+            [Status.STARTING], Status.FAILED, same_process=True, pid=None, last_error=reason
+        ):
+            process.terminate(pid, started_at, _grace())
+            log.warning("instance %s: failed: %s", instance.name, reason)
 
 
 def _converge_running(instance: Instance, alive: bool, healthy: bool) -> None:
@@ -272,6 +285,7 @@ def _restart_or_fail(instance: Instance, reason: str) -> None:
         instance.transition(
             [Status.STARTING],
             Status.FAILED,
+            same_process=True,
             pid=None,
             failed_starts=failed_starts,
             last_error=reason,
@@ -285,19 +299,22 @@ def _restart_or_fail(instance: Instance, reason: str) -> None:
 def _restart(instance: Instance, reason: str, delay: float, failed_starts: int = 0) -> None:
     log.warning("instance %s: restarting in %ss: %s", instance.name, delay, reason)
     next_at = timezone.now() + timedelta(seconds=delay) if delay else None
-    process.terminate(instance.pid, instance.process_started_at, _grace())
+    old_pid, old_started_at = instance.pid, instance.process_started_at
+    # The pid stays in the row: whoever launches next terminates it first.
     moved = instance.transition(
         [instance.status],
         Status.PENDING,
-        pid=None,
-        process_started_at=None,
+        same_process=True,
         restarts=F("restarts") + 1,
         failed_starts=failed_starts,
         health_check_failures=0,
         next_restart_at=next_at,
         last_error=reason,
     )
-    if moved and not delay:
+    if not moved:
+        return  # another tick or a request got there first
+    process.terminate(old_pid, old_started_at, _grace())
+    if not delay:
         launch(instance.pk)
 
 

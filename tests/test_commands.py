@@ -81,7 +81,7 @@ def test_it_has_a_test_for_every_management_command() -> None:
         name
         for name in ours
         if not re.search(
-            rf"""(call_command|run)\(\s*["']{name}["']|manage\.py["', ]+{name}""", tests
+            rf"""(call_command|run)\(\s*["']{name}["']|manage\.py["',\s]+{name}\b""", tests
         )
     ]
     assert not untested, f"management commands without a test: {untested}"
