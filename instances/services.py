@@ -31,7 +31,7 @@ CREATED_COUNTER = "instances_created"
 DELETED_COUNTER = "instances_deleted"
 KNOWN_HEARTBEATS = ("reconcile", "multiplexer")
 # A fresh start: what start and restart reset.
-_FRESH = {
+_FRESH: dict[str, Any] = {
     "desired_state": DesiredState.RUNNING,
     "failed_starts": 0,
     "health_check_failures": 0,
