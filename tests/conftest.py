@@ -92,6 +92,8 @@ TEST_ENV = {
     "CELERY_TASK_DEFAULT_QUEUE": TEST_DEFAULT_QUEUE,
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    # One torch thread per instance: steadier than one per core on a loaded 2-core runner.
+    "LOCALTEI_NUM_THREADS": "1",
     "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "proto")]),
 }
 
