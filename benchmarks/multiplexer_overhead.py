@@ -220,9 +220,10 @@ def arrow_throughput(stub: Any, target: mux.Target, texts: list[str]) -> float:
 def load_in_process_model() -> Any:
     import torch
 
-    from localtei.model import load_model
+    from localtei.model import default_num_threads, load_model
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    # The same thread count as the instance: like is compared with like.
+    torch.set_num_threads(default_num_threads())
     model = load_model(MODEL_ID)
     model.warm_up()
     return model

@@ -28,15 +28,16 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def default_num_threads() -> int:
-    """Torch threads for the forward pass: LOCALTEI_NUM_THREADS, else every core, as TEI.
+    """Torch threads for the forward pass: LOCALTEI_NUM_THREADS, else all cores but one.
 
-    Measured on an idle 2-core box, 2 threads served 177 Embed/s to 16 concurrent callers
-    where 1 thread served 120. On a box that is busy with other work, intra-op threads on
-    every core stall each other (OpenMP waits for a descheduled peer): there, and in the
-    test suite, LOCALTEI_NUM_THREADS=1 is the steadier choice.
+    The spare core runs the gRPC event loop and tokenization: intra-op threads on every
+    core stall each other (OpenMP waits for a descheduled peer) as soon as anything else
+    runs. On an idle 2-core box, 2 threads served more (177 vs 120 Embed/s to 16 callers),
+    but with a multiplexer or a client on the same cores they lost on latency and on
+    throughput per caller; see benchmarks/results/.
     """
     configured = int(os.environ.get("LOCALTEI_NUM_THREADS") or 0)
-    return configured or len(os.sched_getaffinity(0))
+    return configured or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def load_model(
