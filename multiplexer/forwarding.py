@@ -197,60 +197,35 @@ class Forwarder:
     # Arrow batches --------------------------------------------------------------------
 
     async def embed_arrow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        started = time.perf_counter()
-        instance, failure, response = UNROUTED, None, b""
-        try:
-            message = multiplexer_pb2.EmbedArrowRequest.FromString(request)
-            texts = arrow.read_texts(message.arrow_ipc)
-            route = self.router.pick(_target(message.target))
-            instance = route.name
-            try:
-                if message.noop:
-                    payload = arrow.noop_dense(len(texts))
-                else:
-                    rows = [
-                        tei_pb2.EmbedRequest(
-                            inputs=text, truncate=message.truncate, normalize=message.normalize
-                        ).SerializeToString()
-                        for text in texts
-                    ]
-                    path = "/tei.v1.Embed/EmbedStream"
-                    replies = await self._embed_rows(route, path, rows, self._deadline(context))
-                    payload = arrow.dense_ipc(arrow.dense_from_replies(replies))
-            finally:
-                self.router.release(route)
-            response = self._arrow_reply(payload, multiplexer_pb2.EmbedArrowResponse)
-        except Exception as exc:
-            failure = _status(exc)
-        return await self._finish(context, instance, "EmbedArrow", started, failure, response)
+        return await self._embed_arrow(DENSE, request, context)
 
     async def embed_sparse_arrow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._embed_arrow(SPARSE, request, context)
+
+    async def _embed_arrow(
+        self, kind: ArrowKind, request: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
         started = time.perf_counter()
         instance, failure, response = UNROUTED, None, b""
         try:
-            message = multiplexer_pb2.EmbedSparseArrowRequest.FromString(request)
+            message = kind.request_type.FromString(request)
             texts = arrow.read_texts(message.arrow_ipc)
             route = self.router.pick(_target(message.target))
             instance = route.name
             try:
                 if message.noop:
-                    payload = arrow.noop_sparse(len(texts))
+                    payload = kind.noop(len(texts))
                 else:
-                    rows = [
-                        tei_pb2.EmbedSparseRequest(
-                            inputs=text, truncate=message.truncate
-                        ).SerializeToString()
-                        for text in texts
-                    ]
-                    path = "/tei.v1.Embed/EmbedSparseStream"
-                    replies = await self._embed_rows(route, path, rows, self._deadline(context))
-                    payload = arrow.sparse_ipc(*arrow.sparse_from_replies(replies))
+                    rows = [kind.row(text, message) for text in texts]
+                    deadline = self._deadline(context)
+                    replies = await self._embed_rows(route, kind.upstream_path, rows, deadline)
+                    payload = kind.payload(replies)
             finally:
                 self.router.release(route)
-            response = self._arrow_reply(payload, multiplexer_pb2.EmbedSparseArrowResponse)
+            response = self._arrow_reply(payload, kind.response_type)
         except Exception as exc:
             failure = _status(exc)
-        return await self._finish(context, instance, "EmbedSparseArrow", started, failure, response)
+        return await self._finish(context, instance, kind.method, started, failure, response)
 
     async def _embed_rows(
         self, route: Route, path: str, rows: list[bytes], timeout: float
@@ -298,6 +273,43 @@ class Forwarder:
 
 class _TooLarge(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class ArrowKind:
+    """What differs between the dense and the sparse Arrow call."""
+
+    method: str
+    request_type: Any
+    response_type: Any
+    upstream_path: str
+    row: Callable[[str, Any], bytes]  # (text, Arrow request) -> inner tei.v1 request bytes
+    noop: Callable[[int], bytes]
+    payload: Callable[[list[bytes]], bytes]  # the instance's replies -> Arrow IPC
+
+
+DENSE = ArrowKind(
+    method="EmbedArrow",
+    request_type=multiplexer_pb2.EmbedArrowRequest,
+    response_type=multiplexer_pb2.EmbedArrowResponse,
+    upstream_path="/tei.v1.Embed/EmbedStream",
+    row=lambda text, message: tei_pb2.EmbedRequest(
+        inputs=text, truncate=message.truncate, normalize=message.normalize
+    ).SerializeToString(),
+    noop=arrow.noop_dense,
+    payload=lambda replies: arrow.dense_ipc(arrow.dense_from_replies(replies)),
+)
+SPARSE = ArrowKind(
+    method="EmbedSparseArrow",
+    request_type=multiplexer_pb2.EmbedSparseArrowRequest,
+    response_type=multiplexer_pb2.EmbedSparseArrowResponse,
+    upstream_path="/tei.v1.Embed/EmbedSparseStream",
+    row=lambda text, message: tei_pb2.EmbedSparseRequest(
+        inputs=text, truncate=message.truncate
+    ).SerializeToString(),
+    noop=arrow.noop_sparse,
+    payload=lambda replies: arrow.sparse_ipc(*arrow.sparse_from_replies(replies)),
+)
 
 
 async def _inner_requests(
