@@ -61,16 +61,7 @@ def test_it_adopts_live_instances_and_restores_dead_ones(start_worker: Any, sett
 
 def test_it_parks_dead_instances_when_auto_restore_is_off(db: None, settings: Any) -> None:
     settings.TEI = dataclasses.replace(settings.TEI, auto_restore_on_restart=False)
-    instance = Instance.objects.create(
-        name="dead",
-        model_id="m",
-        port=41001,
-        prometheus_port=41002,
-        node=settings.NODE_NAME,
-        status=Status.RUNNING,
-        pid=2**22 + 1,
-        process_started_at=1.0,
-    )
+    instance = _dead_instance(settings.NODE_NAME)
     assert supervisor.restore_node(settings.NODE_NAME) == []
     instance.refresh_from_db()
     assert (instance.status, instance.desired_state) == (Status.STOPPED, DesiredState.STOPPED)
@@ -78,16 +69,7 @@ def test_it_parks_dead_instances_when_auto_restore_is_off(db: None, settings: An
 
 
 def test_it_restores_dead_instances_when_auto_restore_is_on(db: None, settings: Any) -> None:
-    instance = Instance.objects.create(
-        name="dead",
-        model_id="m",
-        port=41001,
-        prometheus_port=41002,
-        node=settings.NODE_NAME,
-        status=Status.RUNNING,
-        pid=2**22 + 1,
-        process_started_at=1.0,
-    )
+    instance = _dead_instance(settings.NODE_NAME)
     assert supervisor.restore_node(settings.NODE_NAME) == [instance.pk]
     instance.refresh_from_db()
     assert (instance.status, instance.pid, instance.restarts) == (Status.PENDING, None, 1)
@@ -106,3 +88,17 @@ def test_it_does_not_take_a_reused_pid_for_the_instance(db: None, settings: Any)
         process_started_at=1.0,
     )
     assert supervisor.restore_node(settings.NODE_NAME) == [instance.pk]
+
+
+def _dead_instance(node: str) -> Instance:
+    """A row that says running, with a pid no live process has (above Linux's pid_max)."""
+    return Instance.objects.create(
+        name="dead",
+        model_id="m",
+        port=41001,
+        prometheus_port=41002,
+        node=node,
+        status=Status.RUNNING,
+        pid=2**22 + 1,
+        process_started_at=1.0,
+    )
