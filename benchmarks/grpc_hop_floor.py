@@ -1,10 +1,15 @@
 """The floor under the multiplexer's added latency: what one Python gRPC hop costs here.
 
 Runs an echo server and a forwarder that only passes bytes on to it (no routing, no
-metrics), each in its own process, for both grpcio's asyncio and thread-pool servers, and
-measures unary p50 latency direct and through the forwarder with 100-byte messages.
+metrics), each in its own process, for grpcio's asyncio server (on asyncio's own loop and
+on uvloop's) and its thread-pool server, and measures unary p50 latency direct and through
+the forwarder with 100-byte messages, the calls of all paths interleaved.
 
 Writes benchmarks/results/grpc_hop_floor.md. Usage: python benchmarks/grpc_hop_floor.py
+
+`python benchmarks/grpc_hop_floor.py forward PORT UPSTREAM` runs the uvloop forwarder
+alone (every unary method passed on as bytes); multiplexer_overhead.py measures it next to
+the multiplexer.
 """
 
 from __future__ import annotations
@@ -13,32 +18,58 @@ import asyncio
 import multiprocessing
 import os
 import platform
+import random
 import socket
 import statistics
+import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 RESULT = Path(__file__).resolve().parent / "results" / "grpc_hop_floor.md"
-CALLS, WARM_UP = 2000, 200
+ROUNDS, WARM_UP = 2000, 200
 PAYLOAD = b"x" * 100
+KINDS = ("asyncio", "asyncio + uvloop", "thread pool")
 
 
 def main() -> None:
-    rows = [measure_kind(kind) for kind in ("asyncio", "thread pool")]
+    echo_port = free_port()
+    ports = {kind: free_port() for kind in KINDS}
+    processes = [
+        multiprocessing.Process(target=serve, args=("asyncio", echo_port, None), daemon=True),
+        *(
+            multiprocessing.Process(
+                target=serve, args=(kind, port, f"127.0.0.1:{echo_port}"), daemon=True
+            )
+            for kind, port in ports.items()
+        ),
+    ]
+    for process in processes:
+        process.start()
+    try:
+        spent = p50_micros({"direct": echo_port, **ports})
+    finally:
+        for process in processes:
+            process.terminate()
+    direct = spent["direct"]
     lines = [
         "# Python gRPC hop floor",
         "",
         f"{platform.machine()} x {len(os.sched_getaffinity(0))} CPUs, grpcio {grpc.__version__},"
-        f" {time.strftime('%Y-%m-%d %H:%M')}; {CALLS} sequential unary calls of"
-        f" {len(PAYLOAD)} bytes, echo server and forwarder each in its own process.",
+        f" {time.strftime('%Y-%m-%d %H:%M')}; {ROUNDS} rounds of sequential unary calls of"
+        f" {len(PAYLOAD)} bytes, one call per path per round in shuffled order; the echo"
+        " server (asyncio) and each forwarder in its own process.",
         "",
-        "| server kind | direct p50 | through a bytes-only forwarder p50 | added |",
-        "|---|---:|---:|---:|",
-        *(f"| {k} | {d:.0f} µs | {f:.0f} µs | {f - d:.0f} µs |" for k, d, f in rows),
+        f"Direct to the echo server: p50 {direct:.0f} µs.",
+        "",
+        "| forwarder | p50 through it | added |",
+        "|---|---:|---:|",
+        *(f"| {kind} | {spent[kind]:.0f} µs | {spent[kind] - direct:.0f} µs |" for kind in KINDS),
         "",
     ]
     RESULT.parent.mkdir(exist_ok=True)
@@ -46,67 +77,69 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def measure_kind(kind: str) -> tuple[str, float, float]:
-    echo_port, forward_port = free_port(), free_port()
-    processes = [
-        multiprocessing.Process(target=serve, args=(kind, echo_port, None), daemon=True),
-        multiprocessing.Process(
-            target=serve, args=(kind, forward_port, f"127.0.0.1:{echo_port}"), daemon=True
-        ),
-    ]
-    for process in processes:
-        process.start()
-    try:
-        return kind, p50_micros(echo_port), p50_micros(forward_port)
-    finally:
-        for process in processes:
-            process.terminate()
-
-
-def p50_micros(port: int) -> float:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+def p50_micros(ports: dict[str, int]) -> dict[str, float]:
+    calls: dict[str, Callable[[bytes], Any]] = {}
+    for name, port in ports.items():
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=30)
-        call = channel.unary_unary("/echo.Echo/Echo")
+        calls[name] = channel.unary_unary("/echo.Echo/Echo")
+    for call in calls.values():
         for _ in range(WARM_UP):
             call(PAYLOAD)
-        spent = []
-        for _ in range(CALLS):
+    spent: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
+    for _ in range(ROUNDS):
+        random.shuffle(order)
+        for name in order:
             started = time.perf_counter()
-            call(PAYLOAD)
-            spent.append(time.perf_counter() - started)
-    return statistics.median(spent) * 1e6
+            calls[name](PAYLOAD)
+            spent[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) * 1e6 for name, values in spent.items()}
 
 
 def serve(kind: str, port: int, forward_to: str | None) -> None:
-    if kind == "asyncio":
-        asyncio.run(serve_asyncio(port, forward_to))
-        return
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    if forward_to:
-        upstream = grpc.insecure_channel(forward_to).unary_unary("/echo.Echo/Echo")
-        handler = grpc.unary_unary_rpc_method_handler(lambda request, _: upstream(request))
+    if kind == "thread pool":
+        serve_thread_pool(port, forward_to)
+    elif kind == "asyncio + uvloop":
+        import uvloop
+
+        uvloop.run(serve_asyncio(port, forward_to))
     else:
-        handler = grpc.unary_unary_rpc_method_handler(lambda request, _: request)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("echo.Echo", {"Echo": handler}),)
-    )
+        asyncio.run(serve_asyncio(port, forward_to))
+
+
+def serve_thread_pool(port: int, forward_to: str | None) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    upstream = grpc.insecure_channel(forward_to) if forward_to else None
+
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            if upstream is None:
+                return grpc.unary_unary_rpc_method_handler(lambda request, _: request)
+            call = upstream.unary_unary(details.method)
+            return grpc.unary_unary_rpc_method_handler(lambda request, _: call(request))
+
+    server.add_generic_rpc_handlers((Handler(),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     threading.Event().wait()
 
 
 async def serve_asyncio(port: int, forward_to: str | None) -> None:
+    """Echo every unary call, or pass it on as bytes to `forward_to` (any method path)."""
     server = grpc.aio.server()
     upstream = grpc.aio.insecure_channel(forward_to) if forward_to else None
-    forward = upstream.unary_unary("/echo.Echo/Echo") if upstream else None
 
-    async def echo(request: bytes, _: grpc.aio.ServicerContext) -> bytes:
-        return await forward(request) if forward else request
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            call = upstream.unary_unary(details.method) if upstream else None
 
-    handler = grpc.unary_unary_rpc_method_handler(echo)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("echo.Echo", {"Echo": handler}),)
-    )
+            async def handle(request: bytes, _: grpc.aio.ServicerContext) -> bytes:
+                return await call(request) if call else request
+
+            return grpc.unary_unary_rpc_method_handler(handle)
+
+    server.add_generic_rpc_handlers((Handler(),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -119,4 +152,7 @@ def free_port() -> int:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["forward"]:
+        serve("asyncio + uvloop", int(sys.argv[2]), sys.argv[3])
+    else:
+        main()

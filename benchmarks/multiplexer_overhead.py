@@ -3,7 +3,8 @@
 Starts one localtei (all-MiniLM-L6-v2) and `manage.py runmultiplexer` on a scratch database,
 then measures, interleaving the two paths so that drift hits both alike:
 
-- unary Embed latency (p50, p90), one call at a time;
+- unary Embed latency (p50, p90), one call at a time, also through a forwarder that only
+  passes bytes on (benchmarks/grpc_hop_floor.py: the floor of one Python gRPC hop);
 - 16 concurrent callers: Embed throughput;
 - a 20-message EmbedStream: time to the last answer;
 - EmbedArrow throughput against the model called in-process on the same texts.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import random
 import signal
 import socket
 import statistics
@@ -52,7 +54,7 @@ MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 NAME = "bench-minilm"
 RESULTS = ROOT / "benchmarks" / "results" / "multiplexer_overhead.md"
 TEXT = "The quick brown fox jumps over the lazy dog"
-UNARY_ROUNDS, UNARY_CALLS = 8, 60
+UNARY_ROUNDS = 400
 CONCURRENCY, CONCURRENT_CALLS, CONCURRENT_ROUNDS = 16, 480, 3
 STREAM_MESSAGES, STREAM_REPEATS = 20, 15
 ARROW_TEXTS, ARROW_BATCH, ARROW_ROUNDS = 1024, 512, 2
@@ -72,12 +74,13 @@ def main() -> int:
             status="running",
             node="bench",
         )
-        multiplexer = start_multiplexer()
+        direct = f"127.0.0.1:{localtei.port}"
+        multiplexer, forwarder = start_multiplexer(), start_forwarder(direct)
         try:
-            direct = f"127.0.0.1:{localtei.port}"
-            rows = measure(direct, f"127.0.0.1:{multiplexer.port}")
+            rows = measure(direct, f"127.0.0.1:{multiplexer.port}", f"127.0.0.1:{forwarder.port}")
         finally:
             multiplexer.stop()
+            forwarder.stop()
     finally:
         localtei.stop()
     report = render(rows)
@@ -87,22 +90,28 @@ def main() -> int:
     return 0
 
 
-def measure(direct: str, routed: str) -> list[tuple[str, str, str, str, str]]:
+def measure(direct: str, routed: str, forwarded: str) -> list[tuple[str, str, str, str, str]]:
     target = mux.Target(instance_name=NAME)
     inner = tei_pb2.EmbedRequest(inputs=TEXT)
     wrapped = mux.EmbedRequest(target=target, request=inner)
-    with grpc.insecure_channel(direct) as d_channel, grpc.insecure_channel(routed) as r_channel:
+    with (
+        grpc.insecure_channel(direct) as d_channel,
+        grpc.insecure_channel(routed) as r_channel,
+        grpc.insecure_channel(forwarded) as f_channel,
+    ):
         d_embed = tei_pb2_grpc.EmbedStub(d_channel)
         r_stub = multiplexer_pb2_grpc.TeiMultiplexerStub(r_channel)
+        f_embed = tei_pb2_grpc.EmbedStub(f_channel)
+        unary: dict[str, Callable[[], Any]] = {
+            "direct": lambda: d_embed.Embed(inner),
+            "routed": lambda: r_stub.Embed(wrapped),
+            "forwarded": lambda: f_embed.Embed(inner),
+        }
         for _ in range(50):
-            d_embed.Embed(inner)
-            r_stub.Embed(wrapped)
-
-        d_lat: list[float] = []
-        r_lat: list[float] = []
-        for _ in range(UNARY_ROUNDS):
-            d_lat += timings(lambda: d_embed.Embed(inner), UNARY_CALLS)
-            r_lat += timings(lambda: r_stub.Embed(wrapped), UNARY_CALLS)
+            for call in unary.values():
+                call()
+        lat = interleaved(unary, UNARY_ROUNDS)
+        d_lat, r_lat, f_lat = lat["direct"], lat["routed"], lat["forwarded"]
 
         d_tp, r_tp = [], []
         for _ in range(CONCURRENT_ROUNDS):
@@ -133,7 +142,7 @@ def measure(direct: str, routed: str) -> list[tuple[str, str, str, str, str]]:
             model.embed(texts, normalize=True, batch_size=ARROW_BATCH)
             local_tp.append(len(texts) / (time.perf_counter() - started))
 
-    d50, r50 = percentile(d_lat, 50), percentile(r_lat, 50)
+    d50, r50, f50 = percentile(d_lat, 50), percentile(r_lat, 50), percentile(f_lat, 50)
     d90, r90 = percentile(d_lat, 90), percentile(r_lat, 90)
     dtp, rtp = statistics.median(d_tp), statistics.median(r_tp)
     ds, rs = statistics.median(d_stream), statistics.median(r_stream)
@@ -149,6 +158,14 @@ def measure(direct: str, routed: str) -> list[tuple[str, str, str, str, str]]:
             r50 / d50 <= 1.05 and r50 - d50 <= 250e-6,
         ),
         row("unary Embed p90", ms(d90), ms(r90), r90 / d90, "–", None),
+        row(
+            "unary Embed p50, bytes-only forwarder in place of the multiplexer",
+            ms(d50),
+            ms(f50),
+            f50 / d50,
+            f"– (the floor of one Python gRPC hop: added {1e6 * (f50 - d50):.0f} µs)",
+            None,
+        ),
         row(
             f"{CONCURRENCY} concurrent callers, Embed/s",
             f"{dtp:.0f}",
@@ -175,6 +192,19 @@ def measure(direct: str, routed: str) -> list[tuple[str, str, str, str, str]]:
             None,
         ),
     ]
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Each round makes one call of each kind, in shuffled order: drift hits all alike."""
+    spent: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
+            started = time.perf_counter()
+            calls[name]()
+            spent[name].append(time.perf_counter() - started)
+    return spent
 
 
 def timings(call: Callable[[], Any], count: int) -> list[float]:
@@ -251,7 +281,8 @@ def render(rows: list[tuple[str, str, str, str, str]]) -> str:
         f"Same run, same localtei instance ({MODEL_ID}, CPU), {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{platform.machine()} × {os.cpu_count()} CPUs, Python {platform.python_version()}.",
         "Direct = the instance's own port; routed = through `manage.py runmultiplexer` "
-        "(its own process, plaintext, loopback). For Arrow, direct = the model called "
+        "(its own process, plaintext, loopback, uvloop). Unary calls: one of each path per "
+        f"round in shuffled order, {UNARY_ROUNDS} rounds. For Arrow, direct = the model called "
         "in-process (`localtei.model.Model.embed`) in batches of the same size.",
         f"Load average when done: {', '.join(f'{x:.2f}' for x in os.getloadavg())}.",
         "",
@@ -324,6 +355,15 @@ def start_multiplexer() -> Server:
         ]  # fmt: skip
 
     return Server("multiplexer", command).wait_until_serving(60)
+
+
+def start_forwarder(upstream: str) -> Server:
+    """benchmarks/grpc_hop_floor.py's uvloop forwarder: bytes in, bytes out, nothing else."""
+
+    def command(port: int, metrics: int) -> list[str]:
+        return [str(ROOT / "benchmarks" / "grpc_hop_floor.py"), "forward", str(port), upstream]
+
+    return Server("forwarder", command).wait_until_serving(60)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:

@@ -3,6 +3,8 @@
 A background thread reads the database every `interval` seconds (0.5 s by default, so a
 created, stopped or deleted instance is routable or refused within a second) and swaps a
 new immutable table in when anything changed. A failed read keeps the last good table.
+The thread keeps its database connection between reads (reopening SQLite each tick costs
+more than the read) and drops it only when a read fails.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from django.apps import apps
-from django.db import close_old_connections, connection
+from django.db import connection
 from django.utils import timezone
 
 from multiplexer.routing import Route, Router, RoutingTable
@@ -83,12 +85,12 @@ class RoutingRefresher:
     def refresh_once(self) -> bool:
         """Reload the table; True when it changed."""
         try:
-            close_old_connections()
             table = load_routing_table()
             if time.monotonic() >= self._next_heartbeat:
                 record_heartbeat()
                 self._next_heartbeat = time.monotonic() + self.heartbeat_interval
         except Exception as exc:
+            connection.close()  # the next read opens a fresh one
             if not self._failing:
                 log.warning("cannot read the instance table, keeping the last one: %s", exc)
             self._failing = True

@@ -2,12 +2,15 @@
 
 An asyncio server (one event loop forwards every call and stream; a thread per stream
 would not scale to `grpc_max_parallel_streams`), fed by the routing refresher thread.
+The loop is uvloop's where it is installed: each forwarded call wakes the loop several
+times, and uvloop's wake-ups are cheaper (see benchmarks/grpc_hop_floor.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +28,22 @@ from multiplexer.tls import SubjectCheck, server_credentials
 from teimanager.config import Config, MtlsConfig
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LOOP_KINDS = ("auto", "uvloop", "asyncio")
+
+
+def event_loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's loop for "uvloop", asyncio's for "asyncio", uvloop's if installed for "auto"."""
+    if kind not in LOOP_KINDS:
+        raise ValueError(f"unknown event loop {kind!r}: choose one of {', '.join(LOOP_KINDS)}")
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 @dataclass(frozen=True)
@@ -130,10 +149,10 @@ class MultiplexerServer:
 class BackgroundMultiplexer:
     """A MultiplexerServer on its own thread and event loop (tests, benchmarks)."""
 
-    def __init__(self, options: ServerOptions) -> None:
+    def __init__(self, options: ServerOptions, loop: str = "auto") -> None:
         self.options = options
         self.server: MultiplexerServer | None = None
-        self._loop = asyncio.new_event_loop()
+        self._loop = event_loop_factory(loop)()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def start(self) -> int:

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from multiplexer.metrics import serve_metrics
-from multiplexer.server import MultiplexerServer, ServerOptions
+from multiplexer.server import LOOP_KINDS, MultiplexerServer, ServerOptions, event_loop_factory
 
 
 class Command(BaseCommand):
@@ -39,9 +39,16 @@ class Command(BaseCommand):
             default=int(os.environ.get("TEI_MANAGER_MULTIPLEXER_METRICS_PORT", "9002")),
             help="Prometheus port of the multiplexer (0: none)",
         )
+        parser.add_argument(
+            "--loop",
+            choices=LOOP_KINDS,
+            default="auto",
+            help="event loop: uvloop where installed (auto), or asyncio's own",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        asyncio.run(self.run(options))
+        with asyncio.Runner(loop_factory=event_loop_factory(options["loop"])) as runner:
+            runner.run(self.run(options))
         self.stdout.write("Done.")
 
     async def run(self, options: dict[str, Any]) -> None:
