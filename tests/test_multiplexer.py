@@ -35,7 +35,7 @@ from tei_multiplexer.v1 import multiplexer_pb2 as mux
 from tei_multiplexer.v1 import multiplexer_pb2_grpc
 
 from multiplexer.benchclient import text_batch
-from multiplexer.server import BackgroundMultiplexer, ServerOptions
+from multiplexer.server import BackgroundMultiplexer, ServerOptions, event_loop_factory
 from tests.conftest import ROOT, TEST_ENV
 from tests.localtei_fixtures import (
     MINILM_ID,
@@ -700,7 +700,8 @@ def test_it_runs_as_a_command_and_finishes_in_flight_calls_on_sigterm(
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--grace", "20"
     )
     try:
-        read_until(process, "is now running")
+        started = read_until(process, "is now running")
+        assert "(plaintext, uvloop)" in started
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
             stub.Info(mux.InfoRequest(target=target("minilm")), wait_for_ready=True, timeout=10)
@@ -731,6 +732,41 @@ def test_it_runs_as_a_command_and_finishes_in_flight_calls_on_sigterm(
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_it_runs_on_asyncio_s_own_loop_when_asked(rows: dict[str, Any]) -> None:
+    port = free_port()
+    process = start_command(
+        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--loop", "asyncio"
+    )
+    try:
+        assert "(plaintext, asyncio)" in read_until(process, "is now running")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
+            reply = stub.Embed(
+                mux.EmbedRequest(target=target("minilm"), request=tei_pb2.EmbedRequest(inputs="a")),
+                wait_for_ready=True,
+                timeout=10,
+            )
+            assert len(reply.embeddings) == 384
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+        assert process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_the_event_loop_is_uvloop_unless_asked_otherwise() -> None:
+    import asyncio
+
+    import uvloop
+
+    assert event_loop_factory() is uvloop.new_event_loop
+    assert event_loop_factory("uvloop") is uvloop.new_event_loop
+    assert event_loop_factory("asyncio") is asyncio.new_event_loop
+    with pytest.raises(ValueError, match="unknown event loop 'trio'"):
+        event_loop_factory("trio")
 
 
 def test_it_idles_when_grpc_is_disabled() -> None:

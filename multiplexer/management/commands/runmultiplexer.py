@@ -82,8 +82,9 @@ class Command(BaseCommand):
                 f"cannot listen on {options['host']}:{server_options.port}: {exc}"
             ) from None
         scheme = "mTLS" if server_options.mtls.enabled else "plaintext"
+        loop_kind = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
         self.stdout.write(
-            f"The multiplexer is now running on {options['host']}:{port} ({scheme}), "
+            f"The multiplexer is now running on {options['host']}:{port} ({scheme}, {loop_kind}), "
             f"metrics on port {options['metrics_port'] or 'none'}.",
         )
         await stop.wait()
