@@ -12,9 +12,12 @@ from typing import Any
 
 import grpc
 
+from multiplexer.grpc_fixes import keep_status_on_failed_writes
+
 
 class ChannelPool:
     def __init__(self, options: Sequence[tuple[str, Any]] = ()) -> None:
+        keep_status_on_failed_writes()  # an instance's status must reach the client as is
         self.options = tuple(options)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._unary: dict[tuple[str, str], grpc.aio.UnaryUnaryMultiCallable] = {}

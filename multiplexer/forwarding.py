@@ -218,7 +218,9 @@ class Forwarder:
                 else:
                     rows = [kind.row(text, message) for text in texts]
                     deadline = self._deadline(context)
-                    replies = await self._embed_rows(route, kind.upstream_path, rows, deadline)
+                    replies = await self._embed_rows(
+                        route, kind.upstream_path, rows, deadline, _metadata(context)
+                    )
                     payload = kind.payload(replies)
             finally:
                 self.router.release(route)
@@ -228,11 +230,18 @@ class Forwarder:
         return await self._finish(context, instance, kind.method, started, failure, response)
 
     async def _embed_rows(
-        self, route: Route, path: str, rows: list[bytes], timeout: float
+        self,
+        route: Route,
+        path: str,
+        rows: list[bytes],
+        timeout: float,
+        metadata: tuple[tuple[str, str | bytes], ...] | None,
     ) -> list[bytes]:
         """Send the rows as one stream: the instance keeps them all in flight and batches
         them as its queue allows, and answers in order."""
-        call = self.pool.stream_stream(route.address, path)(iter(rows), timeout=timeout)
+        call = self.pool.stream_stream(route.address, path)(
+            iter(rows), timeout=timeout, metadata=metadata
+        )
         replies = [reply async for reply in call]
         if len(replies) != len(rows):
             raise arrow.InstanceReplyError(

@@ -292,6 +292,35 @@ def test_it_passes_instance_errors_through_unchanged(
     assert (got.code(), got.details()) == (want.code(), want.details())
 
 
+def test_an_instance_error_mid_stream_reaches_the_client_while_it_is_still_sending(
+    stub: Any, servers: dict[str, LocalTEI]
+) -> None:
+    """The instance ends the stream at message 3 of 300 while the multiplexer is still
+    writing: the client gets the instance's status every time, never gRPC's own INTERNAL."""
+    inners = [tei_pb2.EmbedRequest(inputs="" if i == 2 else f"text {i}") for i in range(300)]
+    want = rpc_error(lambda: direct(servers["minilm"], "EmbedStream", inners, streaming=True))
+    assert want.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for _ in range(15):
+        got = rpc_error(
+            lambda: stub.EmbedStream(
+                iter([mux.EmbedRequest(target=target("minilm"), request=m) for m in inners])
+            )
+        )
+        assert (got.code(), got.details()) == (want.code(), want.details())
+
+    texts = [" ".join(["word"] * 300)] * 8
+    bad = [tei_pb2.RerankStreamRequest(query="q", text=t) for t in texts]
+    want = rpc_error(lambda: direct(servers["minilm"], "RerankStream", bad, streaming=True))
+    assert want.code() == grpc.StatusCode.FAILED_PRECONDITION  # not a reranker
+    for _ in range(5):
+        got = rpc_error(
+            lambda: stub.RerankStream(
+                iter([mux.RerankStreamRequest(target=target("minilm"), request=m) for m in bad])
+            )
+        )
+        assert (got.code(), got.details()) == (want.code(), want.details())
+
+
 # Routing --------------------------------------------------------------------------------
 
 

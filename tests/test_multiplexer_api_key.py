@@ -1,0 +1,105 @@
+"""An instance started with `--api-key`: the key is checked by localtei, and the
+multiplexer passes the client's `authorization` header on for every kind of call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pyarrow as pa
+import pytest
+from tei.v1 import tei_pb2, tei_pb2_grpc
+from tei_multiplexer.v1 import multiplexer_pb2 as mux
+from tei_multiplexer.v1 import multiplexer_pb2_grpc
+
+from multiplexer.benchclient import text_batch
+from multiplexer.server import BackgroundMultiplexer, ServerOptions
+from tests.localtei_fixtures import MINILM_ID, LocalTEI, start_localtei
+from tests.test_multiplexer import NODE, rpc_error, wait_for_table
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+KEY = "s3cret-key"
+GOOD = (("authorization", f"Bearer {KEY}"),)
+WRONG = (("authorization", "Bearer guess"),)
+TEXTS = ["a locked instance", "still answers its owner"]
+
+
+@pytest.fixture(scope="module")
+def locked() -> Iterator[LocalTEI]:
+    with start_localtei(MINILM_ID, "--api-key", KEY) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def multiplexer() -> Iterator[BackgroundMultiplexer]:
+    with BackgroundMultiplexer(ServerOptions(host="127.0.0.1", port=0)) as background:
+        yield background
+
+
+@pytest.fixture
+def stub(locked: LocalTEI, multiplexer: BackgroundMultiplexer) -> Iterator[Any]:
+    from instances.models import Instance
+
+    Instance.objects.create(
+        name="locked",
+        model_id=MINILM_ID,
+        port=locked.port,
+        prometheus_port=locked.prometheus_port,
+        status="running",
+        node=NODE,
+    )
+    wait_for_table(multiplexer, {"locked": "running"})
+    with grpc.insecure_channel(f"127.0.0.1:{multiplexer.server.port}") as channel:  # type: ignore[union-attr]
+        yield multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
+
+
+def embed(text: str) -> mux.EmbedRequest:
+    return mux.EmbedRequest(
+        target=mux.Target(instance_name="locked"), request=tei_pb2.EmbedRequest(inputs=text)
+    )
+
+
+def test_localtei_refuses_a_call_without_the_key(locked: LocalTEI) -> None:
+    with locked.channel() as channel:
+        direct = tei_pb2_grpc.EmbedStub(channel)
+        for metadata in (None, WRONG):
+            error = rpc_error(
+                lambda m=metadata: direct.Embed(tei_pb2.EmbedRequest(inputs="x"), metadata=m)
+            )
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "API key" in (error.details() or "")
+        assert len(direct.Embed(tei_pb2.EmbedRequest(inputs="x"), metadata=GOOD).embeddings) == 384
+
+
+def test_the_multiplexer_passes_the_key_on_for_unary_calls_and_streams(
+    stub: Any, locked: LocalTEI
+) -> None:
+    with locked.channel() as channel:
+        direct = tei_pb2_grpc.EmbedStub(channel)
+        expected = [
+            list(direct.Embed(tei_pb2.EmbedRequest(inputs=t), metadata=GOOD).embeddings)
+            for t in TEXTS
+        ]
+    assert list(stub.Embed(embed(TEXTS[0]), metadata=GOOD).embeddings) == expected[0]
+    streamed = stub.EmbedStream(iter([embed(t) for t in TEXTS]), metadata=GOOD)
+    assert [list(reply.embeddings) for reply in streamed] == expected
+
+    for metadata in (None, WRONG):
+        error = rpc_error(lambda m=metadata: stub.Embed(embed("x"), metadata=m))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        error = rpc_error(lambda m=metadata: stub.EmbedStream(iter([embed("x")]), metadata=m))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_multiplexer_passes_the_key_on_for_arrow_batches(stub: Any) -> None:
+    request = mux.EmbedArrowRequest(
+        target=mux.Target(instance_name="locked"), arrow_ipc=text_batch(TEXTS)
+    )
+    reply = stub.EmbedArrow(request, metadata=GOOD)
+    table = pa.ipc.open_stream(pa.py_buffer(reply.arrow_ipc)).read_all()
+    assert table.num_rows == len(TEXTS)
+    error = rpc_error(lambda: stub.EmbedArrow(request))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
