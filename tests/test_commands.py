@@ -85,3 +85,16 @@ def test_it_has_a_test_for_every_management_command() -> None:
         )
     ]
     assert not untested, f"management commands without a test: {untested}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "standard", "--noop"], "--noop applies to --mode arrow only"),
+        (["--cert", "client.pem"], "--cert and --key go together"),
+        (["--num-texts", "0"], "at least 1"),
+    ],
+)
+def test_benchclient_refuses_contradictory_options(args: list[str], message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        call_command("benchclient", "-e", "127.0.0.1:1", "-i", "minilm", *args)

@@ -42,6 +42,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if bool(options["cert"]) != bool(options["key"]):
             raise CommandError("--cert and --key go together")
+        if options["noop"] and options["mode"] != "arrow":
+            raise CommandError("--noop applies to --mode arrow only: standard calls run the model")
         if options["num_texts"] < 1 or options["batch_size"] < 1:
             raise CommandError("--num-texts and --batch-size must be at least 1")
         endpoint = Endpoint.parse(
