@@ -9,14 +9,18 @@ A stream is routed by the target of its first message. An instance's status code
 message reach the client as they are.
 
 Deadlines: a unary call (and an Arrow batch) gets the client's deadline or
-`grpc_request_timeout_secs`, whichever is sooner; a stream gets the client's deadline only,
-since its length is the client's to choose.
+`grpc_request_timeout_secs`, whichever is sooner. A stream's length is the client's to
+choose, so a stream gets the client's deadline, and `grpc_request_timeout_secs` bounds how
+long the instance may stay silent while it owes an answer (a request of a bidirectional
+stream not yet answered, or the single answer of a client stream the client has closed):
+an instance that makes progress, or a client that pauses, never trips it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,12 +144,14 @@ class Forwarder:
                 route = self.router.pick(target)
                 instance = route.name
                 bad: list[WireError] = []
+                owed = Owed(each_request=False)
                 try:
-                    response = await self.pool.stream_unary(route.address, path)(
-                        _inner_requests(inner, incoming, bad),
+                    call = self.pool.stream_unary(route.address, path)(
+                        _inner_requests(inner, incoming, bad, owed),
                         timeout=context.time_remaining(),
                         metadata=_metadata(context),
                     )
+                    response = await self._owed_answer(call, owed, route.name)
                 finally:
                     self.router.release(route)
                 if bad:
@@ -174,12 +180,16 @@ class Forwarder:
                     route = self.router.pick(target)
                     instance = route.name
                     bad: list[WireError] = []
+                    owed = Owed(each_request=True)
                     call = self.pool.stream_stream(route.address, path)(
-                        _inner_requests(inner, incoming, bad),
+                        _inner_requests(inner, incoming, bad, owed),
                         timeout=context.time_remaining(),
                         metadata=_metadata(context),
                     )
-                    async for response in call:
+                    while (
+                        response := await self._owed_answer(call.read(), owed, instance)
+                    ) is not grpc.aio.EOF:
+                        owed.answered()
                         yield response
                     if bad:
                         raise bad[0]
@@ -260,6 +270,27 @@ class Forwarder:
 
     # Shared ---------------------------------------------------------------------------
 
+    async def _owed_answer(self, answer: Awaitable[Any], owed: Owed, instance: str) -> Any:
+        """Await the instance's next answer; DEADLINE_EXCEEDED once one is owed and none
+        came for `request_timeout` seconds (a wait with nothing owed is not limited)."""
+        pending = asyncio.ensure_future(answer)
+        try:
+            while True:
+                silent_for = time.monotonic() - owed.since
+                left = self.request_timeout - silent_for if owed.count else self.request_timeout
+                done, _ = await asyncio.wait((pending,), timeout=max(left, 0.0))
+                if done:
+                    return pending.result()
+                if owed.count and time.monotonic() - owed.since >= self.request_timeout:
+                    raise RoutingError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"instance '{instance}' sent no answer for {self.request_timeout:g} s "
+                        "(grpc_request_timeout_secs)",
+                    )
+        finally:
+            if not pending.done():
+                pending.cancel()
+
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         return self.request_timeout if remaining is None else min(remaining, self.request_timeout)
@@ -282,6 +313,34 @@ class Forwarder:
 
 class _TooLarge(Exception):
     pass
+
+
+class Owed:
+    """How many answers a stream's instance owes, and since when it has been silent."""
+
+    __slots__ = ("count", "each_request", "since")
+
+    def __init__(self, each_request: bool) -> None:
+        self.each_request = each_request  # bidirectional: one answer per request
+        self.count = 0
+        self.since = time.monotonic()
+
+    def sent(self) -> None:
+        if self.each_request:
+            self._owe()
+
+    def closed(self) -> None:
+        if not self.each_request:
+            self._owe()  # a client stream's single answer is owed once the client is done
+
+    def answered(self) -> None:
+        self.count = max(self.count - 1, 0)
+        self.since = time.monotonic()
+
+    def _owe(self) -> None:
+        if self.count == 0:
+            self.since = time.monotonic()
+        self.count += 1
 
 
 @dataclass(frozen=True)
@@ -322,16 +381,20 @@ SPARSE = ArrowKind(
 
 
 async def _inner_requests(
-    first: bytes, incoming: AsyncIterator[bytes], bad: list[WireError]
+    first: bytes, incoming: AsyncIterator[bytes], bad: list[WireError], owed: Owed
 ) -> AsyncIterator[bytes]:
     """The inner request of each wrapper; a malformed one ends the stream (and the call)."""
+    owed.sent()
     yield first
     async for message in incoming:
         try:
-            yield split_wrapper(message)[1]
+            inner = split_wrapper(message)[1]
         except WireError as exc:
             bad.append(exc)
             return
+        owed.sent()
+        yield inner
+    owed.closed()
 
 
 def _target(message: multiplexer_pb2.Target) -> Target:

@@ -469,6 +469,88 @@ def test_it_ends_a_call_at_the_deadline(
             assert time.monotonic() - started < 0.45
 
 
+@pytest.fixture
+def mute_server() -> Iterator[int]:
+    """A gRPC server that takes every stream and never answers (until cancelled)."""
+    from concurrent import futures
+
+    def hang(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+        for _ in requests:
+            pass
+        cancelled.wait(30)
+        return iter(())
+
+    handlers = {
+        "Embed": grpc.stream_stream_rpc_method_handler(hang),
+        "Rerank": grpc.stream_unary_rpc_method_handler(lambda r, c: b"".join(hang(r, c))),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers(
+        tuple(
+            grpc.method_handlers_generic_handler(f"tei.v1.{service}", {f"{service}Stream": h})
+            for service, h in handlers.items()
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(0)
+
+
+def test_a_stream_ends_when_its_instance_owes_an_answer_and_stays_silent(
+    impatient_multiplexer: BackgroundMultiplexer, rows: dict[str, Any], mute_server: int
+) -> None:
+    from instances.models import Instance
+
+    Instance.objects.create(
+        name="mute",
+        model_id="mute/model",
+        port=mute_server,
+        prometheus_port=2,
+        status="running",
+        node=NODE,
+    )
+    wait_for_table(impatient_multiplexer, {**{n: "running" for n in rows}, "mute": "running"})
+    embed = mux.EmbedRequest(target=target("mute"), request=tei_pb2.EmbedRequest(inputs="a"))
+    rerank = mux.RerankStreamRequest(
+        target=target("mute"), request=tei_pb2.RerankStreamRequest(query="q", text="a")
+    )
+    port = impatient_multiplexer.server.port  # type: ignore[union-attr]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
+        for call in (
+            lambda: stub.EmbedStream(iter([embed, embed]), timeout=20),
+            lambda: stub.RerankStream(iter([rerank, rerank]), timeout=20),
+        ):
+            started = time.monotonic()
+            error = rpc_error(call)
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "instance 'mute' sent no answer for 0.5 s" in (error.details() or "")
+            assert 0.4 < time.monotonic() - started < 5
+
+
+def test_a_stream_may_pause_longer_than_the_request_timeout(
+    impatient_multiplexer: BackgroundMultiplexer, rows: dict[str, Any]
+) -> None:
+    """The timeout bounds an instance's silence while it owes an answer, not a client's pause."""
+    wait_for_table(impatient_multiplexer, {n: "running" for n in rows})
+
+    def slow_client() -> Iterator[mux.EmbedRequest]:
+        for text in ("before the pause", "after the pause"):
+            yield mux.EmbedRequest(
+                target=target("minilm"), request=tei_pb2.EmbedRequest(inputs=text)
+            )
+            time.sleep(1.2)  # the answer comes meanwhile; then nothing is owed
+
+    port = impatient_multiplexer.server.port  # type: ignore[union-attr]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
+        answers = list(stub.EmbedStream(slow_client(), timeout=30))
+    assert [len(a.embeddings) for a in answers] == [384, 384]
+
+
 # Arrow ----------------------------------------------------------------------------------
 
 TEXTS = [f"sentence {i}: " + " ".join(["word"] * (i % 7)) for i in range(40)]
