@@ -880,6 +880,43 @@ def test_the_event_loop_is_uvloop_unless_asked_otherwise() -> None:
         event_loop_factory("trio")
 
 
+def test_its_metrics_reach_the_control_plane_scrape(
+    rows: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR (as `make run` sets it) the control plane's /metrics
+    carries the multiplexer's series."""
+    from instances.metrics import render
+
+    port = free_port()
+    process = start_command(
+        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
+    )  # fmt: skip
+    try:
+        read_until(process, "is now running")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
+            request = mux.EmbedRequest(
+                target=target("minilm"), request=tei_pb2.EmbedRequest(inputs="a")
+            )
+            for _ in range(3):
+                stub.Embed(request, wait_for_ready=True, timeout=10)
+            rpc_error(lambda: stub.Embed(mux.EmbedRequest(target=target("nobody")), timeout=10))
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        scrape = render()[0].decode()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert 'tei_manager_multiplexer_requests_total{instance="minilm",method="Embed"} 3.0' in scrape
+    assert (
+        'tei_manager_multiplexer_errors_total{code="NOT_FOUND",instance="-",method="Embed"} 1.0'
+        in scrape
+    )
+    duration = "tei_manager_multiplexer_request_duration_seconds"
+    assert f'{duration}_count{{instance="minilm",method="Embed"}} 3.0' in scrape
+    assert "tei_manager_instances_count" in scrape  # the control plane's own series too
+
+
 def test_it_idles_when_grpc_is_disabled() -> None:
     port = free_port()
     process = start_command("--port", str(port), TEI_MANAGER_GRPC_ENABLED="false")
