@@ -274,14 +274,18 @@ class Forwarder:
         """Await the instance's next answer; DEADLINE_EXCEEDED once one is owed and none
         came for `request_timeout` seconds (a wait with nothing owed is not limited)."""
         pending = asyncio.ensure_future(answer)
+        began = time.monotonic()  # time spent handing the last answer on is not silence
         try:
             while True:
-                silent_for = time.monotonic() - owed.since
-                left = self.request_timeout - silent_for if owed.count else self.request_timeout
-                done, _ = await asyncio.wait((pending,), timeout=max(left, 0.0))
+                silent_since = max(owed.since, began)
+                left = self.request_timeout
+                if owed.count:
+                    left -= time.monotonic() - silent_since
+                done, _ = await asyncio.wait((pending,), timeout=max(left, 0.001))
                 if done:
                     return pending.result()
-                if owed.count and time.monotonic() - owed.since >= self.request_timeout:
+                silent_since = max(owed.since, began)
+                if owed.count and time.monotonic() - silent_since >= self.request_timeout:
                     raise RoutingError(
                         grpc.StatusCode.DEADLINE_EXCEEDED,
                         f"instance '{instance}' sent no answer for {self.request_timeout:g} s "
@@ -384,17 +388,19 @@ async def _inner_requests(
     first: bytes, incoming: AsyncIterator[bytes], bad: list[WireError], owed: Owed
 ) -> AsyncIterator[bytes]:
     """The inner request of each wrapper; a malformed one ends the stream (and the call)."""
-    owed.sent()
-    yield first
-    async for message in incoming:
-        try:
-            inner = split_wrapper(message)[1]
-        except WireError as exc:
-            bad.append(exc)
-            return
+    try:
         owed.sent()
-        yield inner
-    owed.closed()
+        yield first
+        async for message in incoming:
+            try:
+                inner = split_wrapper(message)[1]
+            except WireError as exc:
+                bad.append(exc)
+                return
+            owed.sent()
+            yield inner
+    finally:
+        owed.closed()
 
 
 def _target(message: multiplexer_pb2.Target) -> Target:

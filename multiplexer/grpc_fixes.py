@@ -40,12 +40,20 @@ async def _write(self: Any, request: Any) -> None:
         except TimeoutError:
             self._cython_call.set_internal_error(str(err))
         await self._raise_for_status()
+        # The server ended the call with OK before reading this message.
+        raise asyncio.InvalidStateError(_call._RPC_ALREADY_FINISHED_DETAILS) from None
     except asyncio.CancelledError:
         if not self.cancelled():
             self.cancel()
         raise
 
 
-def keep_status_on_failed_writes() -> None:
-    """Install the fixed `_write` (idempotent)."""
-    _call._StreamRequestMixin._write = _write  # type: ignore[method-assign]
+def keep_status_on_failed_writes() -> bool:
+    """Install the fixed `_write` where grpcio's own has the bug; True when installed."""
+    mixin = _call._StreamRequestMixin
+    if mixin._write is _write:
+        return True
+    if "set_internal_error" not in mixin._write.__code__.co_names:
+        return False  # a grpcio whose _write no longer overwrites the status: keep it
+    mixin._write = _write  # type: ignore[method-assign]
+    return True

@@ -68,14 +68,16 @@ class RoutingRefresher:
         self.heartbeat_interval = heartbeat_interval
         self.on_change = on_change
         self._stop = threading.Event()
+        self._first_read = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_heartbeat = 0.0
         self._failing = False
 
-    def start(self) -> None:
-        self.refresh_once()
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the thread; return once its first read is done (or failed)."""
         self._thread = threading.Thread(target=self._run, name="routing-refresher", daemon=True)
         self._thread.start()
+        self._first_read.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -106,8 +108,12 @@ class RoutingRefresher:
         return True
 
     def _run(self) -> None:
+        # Every read happens on this thread, over its one connection, closed on the way out.
         try:
+            self.refresh_once()
+            self._first_read.set()
             while not self._stop.wait(self.interval):
                 self.refresh_once()
         finally:
+            self._first_read.set()
             connection.close()

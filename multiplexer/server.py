@@ -96,7 +96,8 @@ class MultiplexerServer:
 
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
-        # Django refuses ORM calls on a thread that runs an event loop: load off the loop.
+        # The refresher reads on its own thread (Django refuses ORM calls on a thread that
+        # runs an event loop); wait for its first read off the loop.
         await asyncio.to_thread(self.refresher.start)
         options = self.options
         check_subjects = options.mtls.enabled and bool(options.mtls.allowed_subjects)

@@ -198,3 +198,5 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError("config key 'health_check_interval_secs' must be at least 1")
     if config.max_instances < 1:
         raise ConfigError("config key 'max_instances' must be at least 1")
+    if config.grpc_request_timeout_secs <= 0:
+        raise ConfigError("config key 'grpc_request_timeout_secs' must be above 0")

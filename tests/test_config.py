@@ -72,6 +72,7 @@ def test_it_lets_the_file_beat_defaults_and_the_environment_beat_the_file(tmp_pa
         ("", {"TEI_MANAGER_HEALTH_CHECK_INTERVAL": "0"}, "health_check_interval_secs"),
         ("", {"TEI_MANAGER_GRPC_ENABLED": "maybe"}, "grpc_enabled"),
         ("max_instances = -1", {}, "max_instances"),
+        ("grpc_request_timeout_secs = 0", {}, "grpc_request_timeout_secs"),
         ("auto_restore_on_restart = 3", {}, "auto_restore_on_restart"),
         ("instance_port_start = 9000\ninstance_port_end = 8000", {}, "instance_port_start"),
         ("no_such_key = 1", {}, "no_such_key"),

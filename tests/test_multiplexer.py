@@ -531,23 +531,23 @@ def test_a_stream_ends_when_its_instance_owes_an_answer_and_stays_silent(
             assert 0.4 < time.monotonic() - started < 5
 
 
-def test_a_stream_may_pause_longer_than_the_request_timeout(
-    impatient_multiplexer: BackgroundMultiplexer, rows: dict[str, Any]
-) -> None:
+def test_a_stream_may_pause_longer_than_the_request_timeout(rows: dict[str, Any]) -> None:
     """The timeout bounds an instance's silence while it owes an answer, not a client's pause."""
-    wait_for_table(impatient_multiplexer, {n: "running" for n in rows})
 
     def slow_client() -> Iterator[mux.EmbedRequest]:
         for text in ("before the pause", "after the pause"):
             yield mux.EmbedRequest(
                 target=target("minilm"), request=tei_pb2.EmbedRequest(inputs=text)
             )
-            time.sleep(1.2)  # the answer comes meanwhile; then nothing is owed
+            time.sleep(2.5)  # the answer comes meanwhile; then nothing is owed
 
-    port = impatient_multiplexer.server.port  # type: ignore[union-attr]
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
-        answers = list(stub.EmbedStream(slow_client(), timeout=30))
+    options = ServerOptions(host="127.0.0.1", port=0, request_timeout_secs=1.5)
+    with BackgroundMultiplexer(options) as background:
+        wait_for_table(background, {n: "running" for n in rows})
+        port = background.server.port  # type: ignore[union-attr]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
+            answers = list(stub.EmbedStream(slow_client(), timeout=30))
     assert [len(a.embeddings) for a in answers] == [384, 384]
 
 

@@ -153,3 +153,14 @@ def test_it_loads_the_table_from_the_instance_rows_and_beats() -> None:
     assert refresher.refresh_once() is False
     assert len(changes) == 1 and router.table == table
     assert Heartbeat.objects.get(name="multiplexer").last_seen is not None
+
+
+def test_the_grpc_write_fix_is_installed_once_a_channel_pool_exists() -> None:
+    from grpc.aio import _call
+
+    from multiplexer import grpc_fixes
+    from multiplexer.channels import ChannelPool
+
+    ChannelPool()
+    assert _call._StreamRequestMixin._write is grpc_fixes._write
+    assert grpc_fixes.keep_status_on_failed_writes() is True  # idempotent

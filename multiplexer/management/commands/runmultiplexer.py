@@ -47,7 +47,13 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with asyncio.Runner(loop_factory=event_loop_factory(options["loop"])) as runner:
+        try:
+            loop_factory = event_loop_factory(options["loop"])
+        except ImportError:
+            raise CommandError(
+                "--loop uvloop: uvloop is not installed (pip install uvloop)"
+            ) from None
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(self.run(options))
         self.stdout.write("Done.")
 
