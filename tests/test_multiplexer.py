@@ -321,6 +321,72 @@ def test_an_instance_error_mid_stream_reaches_the_client_while_it_is_still_sendi
         assert (got.code(), got.details()) == (want.code(), want.details())
 
 
+@pytest.fixture
+def stalled_server() -> Iterator[int]:
+    """A gRPC server that takes an EmbedStream and reads none of its messages."""
+    from concurrent import futures
+
+    release = threading.Event()
+
+    def stall(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        context.add_callback(release.set)
+        release.wait(30)
+        return iter(())
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "tei.v1.Embed", {"EmbedStream": grpc.stream_stream_rpc_method_handler(stall)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    release.set()
+    server.stop(0)
+
+
+def test_a_stream_to_an_instance_that_reads_nothing_holds_back_its_client(
+    stub: Any, multiplexer: BackgroundMultiplexer, rows: dict[str, Any], stalled_server: int
+) -> None:
+    """Flow control reaches through the multiplexer: it buffers a bounded amount, so a
+    client streaming 150 MB to an instance that reads nothing is made to wait."""
+    from instances.models import Instance
+
+    Instance.objects.create(
+        name="stalled",
+        model_id="stalled/model",
+        port=stalled_server,
+        prometheus_port=2,
+        status="running",
+        node=NODE,
+    )
+    wait_for_table(multiplexer, {**{n: "running" for n in rows}, "stalled": "running"})
+    count, total = 300, 300 * 512 * 1024
+    message = mux.EmbedRequest(
+        target=target("stalled"), request=tei_pb2.EmbedRequest(inputs="x" * (512 * 1024))
+    )
+    sent = 0
+
+    def requests() -> Iterator[mux.EmbedRequest]:
+        nonlocal sent
+        for _ in range(count):
+            sent += 1
+            yield message
+
+    responses = stub.EmbedStream(requests(), timeout=60)
+    reader = threading.Thread(target=lambda: rpc_error(lambda: list(responses)), daemon=True)
+    reader.start()
+    time.sleep(4)
+    held_back_at = sent
+    responses.cancel()
+    reader.join(10)
+    assert 0 < held_back_at < count // 2, f"the client got {held_back_at} of {count} messages out"
+    assert held_back_at * 512 * 1024 < total // 2
+
+
 # Routing --------------------------------------------------------------------------------
 
 
