@@ -143,19 +143,16 @@ class Forwarder:
                 target, inner = split_wrapper(first)
                 route = self.router.pick(target)
                 instance = route.name
-                bad: list[WireError] = []
-                owed = Owed(each_request=False)
+                stream = InnerStream(inner, incoming, answer_per_request=False)
                 try:
                     call = self.pool.stream_unary(route.address, path)(
-                        _inner_requests(inner, incoming, bad, owed),
-                        timeout=context.time_remaining(),
-                        metadata=_metadata(context),
+                        stream, timeout=context.time_remaining(), metadata=_metadata(context)
                     )
-                    response = await self._owed_answer(call, owed, route.name)
+                    response = await self._owed_answer(call, stream, route.name)
                 finally:
                     self.router.release(route)
-                if bad:
-                    raise bad[0]
+                if stream.bad is not None:
+                    raise stream.bad
             except Exception as exc:
                 failure = _status(exc)
             return await self._finish(context, instance, name, started, failure, response)
@@ -179,20 +176,17 @@ class Forwarder:
                     target, inner = split_wrapper(first)
                     route = self.router.pick(target)
                     instance = route.name
-                    bad: list[WireError] = []
-                    owed = Owed(each_request=True)
+                    stream = InnerStream(inner, incoming, answer_per_request=True)
                     call = self.pool.stream_stream(route.address, path)(
-                        _inner_requests(inner, incoming, bad, owed),
-                        timeout=context.time_remaining(),
-                        metadata=_metadata(context),
+                        stream, timeout=context.time_remaining(), metadata=_metadata(context)
                     )
                     while (
-                        response := await self._owed_answer(call.read(), owed, instance)
+                        response := await self._owed_answer(call.read(), stream, instance)
                     ) is not grpc.aio.EOF:
-                        owed.answered()
+                        stream.answered()
                         yield response
-                    if bad:
-                        raise bad[0]
+                    if stream.bad is not None:
+                        raise stream.bad
             except Exception as exc:
                 failure = _status(exc)
             finally:
@@ -270,22 +264,22 @@ class Forwarder:
 
     # Shared ---------------------------------------------------------------------------
 
-    async def _owed_answer(self, answer: Awaitable[Any], owed: Owed, instance: str) -> Any:
+    async def _owed_answer(self, answer: Awaitable[Any], stream: InnerStream, instance: str) -> Any:
         """Await the instance's next answer; DEADLINE_EXCEEDED once one is owed and none
         came for `request_timeout` seconds (a wait with nothing owed is not limited)."""
         pending = asyncio.ensure_future(answer)
         began = time.monotonic()  # time spent handing the last answer on is not silence
         try:
             while True:
-                silent_since = max(owed.since, began)
+                silent_since = max(stream.since, began)
                 left = self.request_timeout
-                if owed.count:
+                if stream.owed:
                     left -= time.monotonic() - silent_since
                 done, _ = await asyncio.wait((pending,), timeout=max(left, 0.001))
                 if done:
                     return pending.result()
-                silent_since = max(owed.since, began)
-                if owed.count and time.monotonic() - silent_since >= self.request_timeout:
+                silent_since = max(stream.since, began)
+                if stream.owed and time.monotonic() - silent_since >= self.request_timeout:
                     raise RoutingError(
                         grpc.StatusCode.DEADLINE_EXCEEDED,
                         f"instance '{instance}' sent no answer for {self.request_timeout:g} s "
@@ -319,32 +313,51 @@ class _TooLarge(Exception):
     pass
 
 
-class Owed:
-    """How many answers a stream's instance owes, and since when it has been silent."""
+class InnerStream:
+    """A client's stream as the instance gets it: the inner request of each wrapper (a
+    malformed one ends it and is kept in `bad`, raised once the call is over), and how
+    many answers the instance owes for it, silent since when."""
 
-    __slots__ = ("count", "each_request", "since")
+    __slots__ = ("answer_per_request", "bad", "first", "incoming", "owed", "since")
 
-    def __init__(self, each_request: bool) -> None:
-        self.each_request = each_request  # bidirectional: one answer per request
-        self.count = 0
+    def __init__(
+        self, first: bytes, incoming: AsyncIterator[bytes], answer_per_request: bool
+    ) -> None:
+        self.first, self.incoming = first, incoming
+        # Bidirectional: one answer per request. Client stream: one, once the client is done.
+        self.answer_per_request = answer_per_request
+        self.bad: WireError | None = None
+        self.owed = 0
         self.since = time.monotonic()
 
-    def sent(self) -> None:
-        if self.each_request:
-            self._owe()
-
-    def closed(self) -> None:
-        if not self.each_request:
-            self._owe()  # a client stream's single answer is owed once the client is done
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            self._sent()
+            yield self.first
+            async for message in self.incoming:
+                try:
+                    inner = split_wrapper(message)[1]
+                except WireError as exc:
+                    self.bad = exc
+                    return
+                self._sent()
+                yield inner
+        finally:
+            if not self.answer_per_request:
+                self._owe()
 
     def answered(self) -> None:
-        self.count = max(self.count - 1, 0)
+        self.owed = max(self.owed - 1, 0)
         self.since = time.monotonic()
 
+    def _sent(self) -> None:
+        if self.answer_per_request:
+            self._owe()
+
     def _owe(self) -> None:
-        if self.count == 0:
+        if self.owed == 0:
             self.since = time.monotonic()
-        self.count += 1
+        self.owed += 1
 
 
 @dataclass(frozen=True)
@@ -382,25 +395,6 @@ SPARSE = ArrowKind(
     noop=arrow.noop_sparse,
     payload=lambda replies: arrow.sparse_ipc(*arrow.sparse_from_replies(replies)),
 )
-
-
-async def _inner_requests(
-    first: bytes, incoming: AsyncIterator[bytes], bad: list[WireError], owed: Owed
-) -> AsyncIterator[bytes]:
-    """The inner request of each wrapper; a malformed one ends the stream (and the call)."""
-    try:
-        owed.sent()
-        yield first
-        async for message in incoming:
-            try:
-                inner = split_wrapper(message)[1]
-            except WireError as exc:
-                bad.append(exc)
-                return
-            owed.sent()
-            yield inner
-    finally:
-        owed.closed()
 
 
 def _target(message: multiplexer_pb2.Target) -> Target:
