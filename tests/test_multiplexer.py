@@ -138,6 +138,27 @@ def wait_for_table(
     return time.monotonic() - started
 
 
+def add_instance(
+    background: BackgroundMultiplexer,
+    rows: dict[str, Any],
+    name: str,
+    port: int,
+    status: str = "running",
+) -> None:
+    """One more Instance row (model `<name>/model`) beside `rows`; returns once routable."""
+    from instances.models import Instance
+
+    Instance.objects.create(
+        name=name,
+        model_id=f"{name}/model",
+        port=port,
+        prometheus_port=2,
+        status=status,
+        node=NODE,
+    )
+    wait_for_table(background, {**{n: "running" for n in rows}, name: status})
+
+
 def target(name: str) -> mux.Target:
     return mux.Target(instance_name=name)
 
@@ -353,17 +374,7 @@ def test_a_stream_to_an_instance_that_reads_nothing_holds_back_its_client(
 ) -> None:
     """Flow control reaches through the multiplexer: it buffers a bounded amount, so a
     client streaming 150 MB to an instance that reads nothing is made to wait."""
-    from instances.models import Instance
-
-    Instance.objects.create(
-        name="stalled",
-        model_id="stalled/model",
-        port=stalled_server,
-        prometheus_port=2,
-        status="running",
-        node=NODE,
-    )
-    wait_for_table(multiplexer, {**{n: "running" for n in rows}, "stalled": "running"})
+    add_instance(multiplexer, rows, "stalled", stalled_server)
     count, total = 300, 300 * 512 * 1024
     message = mux.EmbedRequest(
         target=target("stalled"), request=tei_pb2.EmbedRequest(inputs="x" * (512 * 1024))
@@ -424,23 +435,17 @@ def test_it_routes_by_position_among_running_instances(
 def test_it_maps_routing_failures_to_status_codes(
     stub: Any, multiplexer: BackgroundMultiplexer, rows: dict[str, Any]
 ) -> None:
-    from instances.models import Instance
-
-    Instance.objects.create(
-        name="stopped-one",
-        model_id="tiny/stopped",
-        port=free_port(),
-        prometheus_port=1,
-        status="stopped",
-        node=NODE,
-    )
-    wait_for_table(multiplexer, {**{n: "running" for n in rows}, "stopped-one": "stopped"})
+    add_instance(multiplexer, rows, "stopped-one", free_port(), status="stopped")
     embed = tei_pb2.EmbedRequest(inputs="x")
     cases = [
         (mux.Target(instance_name="nope"), grpc.StatusCode.NOT_FOUND, "instance 'nope' not found"),
         (mux.Target(instance_name="stopped-one"), grpc.StatusCode.UNAVAILABLE, "not running"),
         (mux.Target(model_id="no/such-model"), grpc.StatusCode.NOT_FOUND, "no instance serves"),
-        (mux.Target(model_id="tiny/stopped"), grpc.StatusCode.UNAVAILABLE, "no running instance"),
+        (
+            mux.Target(model_id="stopped-one/model"),
+            grpc.StatusCode.UNAVAILABLE,
+            "no running instance",
+        ),
         (mux.Target(instance_index=4), grpc.StatusCode.NOT_FOUND, "4 is out of range: 4 running"),
         (None, grpc.StatusCode.INVALID_ARGUMENT, "no target"),
     ]
@@ -504,21 +509,11 @@ def test_it_sees_created_stopped_and_deleted_instances_within_a_second(
 def test_it_ends_a_call_at_the_deadline(
     impatient_multiplexer: BackgroundMultiplexer, rows: dict[str, Any]
 ) -> None:
-    from instances.models import Instance
-
     # A port that accepts connections and never speaks HTTP/2: the call can only time out.
     with socket.socket() as blackhole:
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(8)
-        Instance.objects.create(
-            name="silent",
-            model_id="silent/model",
-            port=blackhole.getsockname()[1],
-            prometheus_port=2,
-            status="running",
-            node=NODE,
-        )
-        wait_for_table(impatient_multiplexer, {**{n: "running" for n in rows}, "silent": "running"})
+        add_instance(impatient_multiplexer, rows, "silent", blackhole.getsockname()[1])
         port = impatient_multiplexer.server.port  # type: ignore[union-attr]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
@@ -568,17 +563,7 @@ def mute_server() -> Iterator[int]:
 def test_a_stream_ends_when_its_instance_owes_an_answer_and_stays_silent(
     impatient_multiplexer: BackgroundMultiplexer, rows: dict[str, Any], mute_server: int
 ) -> None:
-    from instances.models import Instance
-
-    Instance.objects.create(
-        name="mute",
-        model_id="mute/model",
-        port=mute_server,
-        prometheus_port=2,
-        status="running",
-        node=NODE,
-    )
-    wait_for_table(impatient_multiplexer, {**{n: "running" for n in rows}, "mute": "running"})
+    add_instance(impatient_multiplexer, rows, "mute", mute_server)
     embed = mux.EmbedRequest(target=target("mute"), request=tei_pb2.EmbedRequest(inputs="a"))
     rerank = mux.RerankStreamRequest(
         target=target("mute"), request=tei_pb2.RerankStreamRequest(query="q", text="a")
@@ -692,17 +677,7 @@ def test_it_embeds_an_arrow_batch_sparsely_like_embed_sparse(
 def test_it_answers_noop_without_calling_the_instance(
     stub: Any, multiplexer: BackgroundMultiplexer, rows: dict[str, Any]
 ) -> None:
-    from instances.models import Instance
-
-    Instance.objects.create(
-        name="nobody-home",
-        model_id="x/y",
-        port=free_port(),
-        prometheus_port=3,
-        status="running",
-        node=NODE,
-    )
-    wait_for_table(multiplexer, {**{n: "running" for n in rows}, "nobody-home": "running"})
+    add_instance(multiplexer, rows, "nobody-home", free_port())
     reply = stub.EmbedArrow(
         mux.EmbedArrowRequest(target=target("nobody-home"), arrow_ipc=text_batch(TEXTS), noop=True)
     )
@@ -998,39 +973,33 @@ def test_it_idles_when_grpc_is_disabled() -> None:
             process.kill()
 
 
+def run_benchclient(*args: str) -> tuple[dict[str, Any], str]:
+    """`manage.py benchclient ARGS` as a user runs it: its JSON report and its stderr."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "manage.py", "benchclient", *args],
+        cwd=ROOT,
+        env={**os.environ, **TEST_ENV},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), result.stderr
+
+
 def test_it_has_a_benchmark_client_that_prints_json(
     multiplexer: BackgroundMultiplexer, stub: Any
 ) -> None:
-    import json
-
     port = multiplexer.server.port  # type: ignore[union-attr]
     for mode, batch in (("standard", "4"), ("arrow", "8")):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "manage.py",
-                "benchclient",
-                "-e",
-                f"http://127.0.0.1:{port}",
-                "-i",
-                "minilm",
-                "--mode",
-                mode,
-                "--num-texts",
-                "20",
-                "--batch-size",
-                batch,
-            ],
-            cwd=ROOT,
-            env={**os.environ, **TEST_ENV},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stderr
-        report = json.loads(result.stdout)
+        report, stderr = run_benchclient(
+            "-e", f"http://127.0.0.1:{port}", "-i", "minilm", "--mode", mode,
+            "--num-texts", "20", "--batch-size", batch,
+        )  # fmt: skip
         assert report["mode"] == mode and report["instance_name"] == "minilm"
         assert (report["successful"], report["failed"], report["num_texts"]) == (20, 0, 20)
         assert report["num_requests"] == (20 if mode == "standard" else 3)
         assert report["throughput_per_sec"] > 0
-        assert "text" in result.stderr  # the progress bar
+        assert "text" in stderr  # the progress bar

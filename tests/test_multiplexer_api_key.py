@@ -17,7 +17,7 @@ from tei_multiplexer.v1 import multiplexer_pb2_grpc
 from multiplexer.benchclient import text_batch
 from multiplexer.server import BackgroundMultiplexer, ServerOptions
 from tests.localtei_fixtures import MINILM_ID, LocalTEI, start_localtei
-from tests.test_multiplexer import NODE, rpc_error, wait_for_table
+from tests.test_multiplexer import add_instance, rpc_error
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -41,17 +41,7 @@ def multiplexer() -> Iterator[BackgroundMultiplexer]:
 
 @pytest.fixture
 def stub(locked: LocalTEI, multiplexer: BackgroundMultiplexer) -> Iterator[Any]:
-    from instances.models import Instance
-
-    Instance.objects.create(
-        name="locked",
-        model_id=MINILM_ID,
-        port=locked.port,
-        prometheus_port=locked.prometheus_port,
-        status="running",
-        node=NODE,
-    )
-    wait_for_table(multiplexer, {"locked": "running"})
+    add_instance(multiplexer, {}, "locked", locked.port)
     with grpc.insecure_channel(f"127.0.0.1:{multiplexer.server.port}") as channel:  # type: ignore[union-attr]
         yield multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
 

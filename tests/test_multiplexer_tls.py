@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,8 +24,8 @@ from multiplexer.benchclient import text_batch
 from multiplexer.server import BackgroundMultiplexer, ServerOptions
 from multiplexer.tls import channel_credentials
 from teimanager.config import MtlsConfig
-from tests.conftest import ROOT, TEST_ENV
 from tests.localtei_fixtures import free_port
+from tests.test_multiplexer import run_benchclient
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -238,35 +234,9 @@ def test_it_has_a_benchmark_client_that_speaks_mtls(
     pki: Pki, guarded: BackgroundMultiplexer, noop_target: str
 ) -> None:
     port = guarded.server.port  # type: ignore[union-attr]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "manage.py",
-            "benchclient",
-            "-e",
-            f"https://localhost:{port}",
-            "-i",
-            noop_target,
-            "--mode",
-            "arrow",
-            "--noop",
-            "--num-texts",
-            "50",
-            "--batch-size",
-            "20",
-            "--cert",
-            pki.allowed.cert,
-            "--key",
-            pki.allowed.key,
-            "--ca",
-            pki.ca.cert,
-        ],
-        cwd=ROOT,
-        env={**os.environ, **TEST_ENV},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report, _ = run_benchclient(
+        "-e", f"https://localhost:{port}", "-i", noop_target, "--mode", "arrow", "--noop",
+        "--num-texts", "50", "--batch-size", "20",
+        "--cert", pki.allowed.cert, "--key", pki.allowed.key, "--ca", pki.ca.cert,
+    )  # fmt: skip
     assert (report["successful"], report["failed"], report["num_requests"]) == (50, 0, 3)
