@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +87,21 @@ def p50_micros(ports: dict[str, int]) -> dict[str, float]:
     for call in calls.values():
         for _ in range(WARM_UP):
             call(PAYLOAD)
+    spent = interleaved({name: partial(call, PAYLOAD) for name, call in calls.items()}, ROUNDS)
+    return {name: statistics.median(values) * 1e6 for name, values in spent.items()}
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Each round makes one call of each kind, in shuffled order: drift hits all alike."""
     spent: dict[str, list[float]] = {name: [] for name in calls}
     order = list(calls)
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         random.shuffle(order)
         for name in order:
             started = time.perf_counter()
-            calls[name](PAYLOAD)
+            calls[name]()
             spent[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) * 1e6 for name, values in spent.items()}
+    return spent
 
 
 def serve(kind: str, port: int, forward_to: str | None) -> None:

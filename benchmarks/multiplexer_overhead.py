@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +42,7 @@ import grpc  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from grpc_hop_floor import free_port, interleaved  # noqa: E402
 from tei.v1 import tei_pb2, tei_pb2_grpc  # noqa: E402
 from tei_multiplexer.v1 import multiplexer_pb2 as mux  # noqa: E402
 from tei_multiplexer.v1 import multiplexer_pb2_grpc  # noqa: E402
@@ -199,19 +198,6 @@ def measure(direct: str, routed: str, forwarded: str) -> list[tuple[str, str, st
             None,
         ),
     ]
-
-
-def interleaved(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-    """Each round makes one call of each kind, in shuffled order: drift hits all alike."""
-    spent: dict[str, list[float]] = {name: [] for name in calls}
-    order = list(calls)
-    for _ in range(rounds):
-        random.shuffle(order)
-        for name in order:
-            started = time.perf_counter()
-            calls[name]()
-            spent[name].append(time.perf_counter() - started)
-    return spent
 
 
 def timings(call: Callable[[], Any], count: int) -> list[float]:
@@ -383,12 +369,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise SystemExit("timed out waiting for the benchmark's servers")
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 if __name__ == "__main__":
