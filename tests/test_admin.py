@@ -15,10 +15,9 @@ from django.http import HttpResponse
 from django.test import Client
 from django.utils import timezone
 
-from instances import gpu
 from instances.forms import InstanceCreateForm
 from instances.models import Instance
-from tests.test_admin_dashboard import fake_pynvml
+from tests.fake_nvml import use_fake_gpus
 
 pytestmark = pytest.mark.django_db
 
@@ -326,8 +325,7 @@ def test_it_puts_a_taken_name_and_port_on_their_fields(admin_client: Client) -> 
 def test_it_refuses_a_gpu_nvml_does_not_list(
     admin_client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gpu, "pynvml", fake_pynvml([("A", 0, 1, 0), ("B", 0, 1, 0)]))
-    monkeypatch.setattr(gpu, "_initialised", False)
+    use_fake_gpus(monkeypatch, [("A", 0, 1, 0), ("B", 0, 1, 0)])
     page = admin_client.get(ADD).content.decode()
     assert "Detected: 0 (A), 1 (B)." in page
     response = admin_client.post(ADD, {"name": "g", "model_id": "org/model", "gpu_id": "2"})
@@ -337,7 +335,6 @@ def test_it_refuses_a_gpu_nvml_does_not_list(
     response = admin_client.post(ADD, {"name": "g", "model_id": "org/model", "gpu_id": "1"})
     assert response.status_code == 302
     assert Instance.objects.get(name="g").gpu_id == 1
-    monkeypatch.setattr(gpu, "_initialised", False)
 
 
 def test_it_has_help_text_on_every_add_field(admin_client: Client) -> None:

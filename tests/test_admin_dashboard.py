@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import types
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,6 +13,7 @@ from django.utils import timezone
 
 from instances import dashboard, gpu
 from instances.models import Heartbeat, Instance
+from tests.fake_nvml import use_fake_gpus
 
 pytestmark = pytest.mark.django_db
 
@@ -22,44 +21,15 @@ INDEX = "/admin/"
 PANELS = "/admin/instances/instance/dashboard/"
 
 
-class FakeNvmlError(Exception):
-    pass
-
-
-def fake_pynvml(cards: list[tuple[str, int, int, int]]) -> types.SimpleNamespace:
-    """A pynvml stand-in: (name, memory used, memory total, utilisation %) per GPU."""
-
-    def handle(index: int) -> int:
-        if index >= len(cards):
-            raise FakeNvmlError("Invalid Argument")
-        return index
-
-    return types.SimpleNamespace(
-        NVMLError=FakeNvmlError,
-        nvmlInit=lambda: None,
-        nvmlShutdown=lambda: None,
-        nvmlDeviceGetCount=lambda: len(cards),
-        nvmlDeviceGetHandleByIndex=handle,
-        nvmlDeviceGetName=lambda h: cards[h][0],
-        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(
-            used=cards[h][1], total=cards[h][2], free=cards[h][2] - cards[h][1]
-        ),
-        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=cards[h][3], memory=0),
-    )
-
-
 @pytest.fixture
-def two_gpus(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    fake = fake_pynvml(
+def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_gpus(
+        monkeypatch,
         [
             ("NVIDIA H100 80GB HBM3", 20 * 2**30, 80 * 2**30, 37),
             ("NVIDIA H100 80GB HBM3", 0, 80 * 2**30, 0),
-        ]
+        ],
     )
-    monkeypatch.setattr(gpu, "pynvml", fake)
-    monkeypatch.setattr(gpu, "_initialised", False)
-    yield
-    monkeypatch.setattr(gpu, "_initialised", False)
 
 
 @pytest.fixture(autouse=True)

@@ -8,11 +8,12 @@ import dataclasses
 import socket
 from datetime import UTC, datetime
 from typing import Any
-from unittest import mock
 
 import pytest
 
+from instances import gpu
 from instances.models import Heartbeat, Instance, Status
+from tests.fake_nvml import use_fake_gpus
 
 pytestmark = pytest.mark.django_db
 
@@ -179,21 +180,17 @@ def test_it_refuses_invalid_ports(api: Any, port: Any) -> None:
     assert_error(create(api, name="p", prometheus_port=port), 400, "INVALID_PORT")
 
 
-def test_it_checks_gpu_id_against_nvml(api: Any) -> None:
-    with (
-        mock.patch("pynvml.nvmlInit"),
-        mock.patch("pynvml.nvmlDeviceGetCount", return_value=2),
-        mock.patch("instances.gpu._initialised", False),
-    ):
-        body = assert_error(create(api, name="gpu", gpu_id=2), 400, "INVALID_GPU_ID")
-        assert "2 GPU" in body["error"]
-        assert create(api, name="gpu", gpu_id=1).status_code == 201
+def test_it_checks_gpu_id_against_nvml(api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_gpus(monkeypatch, [("A", 0, 1, 0), ("B", 0, 1, 0)])
+    body = assert_error(create(api, name="gpu", gpu_id=2), 400, "INVALID_GPU_ID")
+    assert "2 GPU" in body["error"]
+    assert create(api, name="gpu", gpu_id=1).status_code == 201
     assert_error(create(api, name="neg", gpu_id=-1), 400, "INVALID_GPU_ID")
 
 
 def test_it_accepts_a_gpu_id_when_there_is_no_gpu_to_check(api: Any) -> None:
-    with mock.patch("instances.gpu.device_count", return_value=None):
-        assert create(api, name="gpu", gpu_id=0).status_code == 201
+    assert gpu.device_count() is None  # this machine's real NVML: no GPU, nothing to check
+    assert create(api, name="gpu", gpu_id=0).status_code == 201
 
 
 def test_it_answers_404_for_unknown_instances(api: Any) -> None:

@@ -1,16 +1,16 @@
 """`/metrics`: the tei_manager_* series come from the database, so they are right whichever
-process changed the state; GPU gauges from NVML (mocked: the only mock in the suite)."""
+process changed the state; GPU gauges from NVML (faked by tests/fake_nvml.py, or really
+absent)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
-from unittest import mock
 
 import pytest
 
-from instances import services
+from instances import gpu, services
 from instances.models import Instance, Status
+from tests.fake_nvml import use_fake_gpus
 
 pytestmark = pytest.mark.django_db
 
@@ -43,28 +43,14 @@ def test_it_counts_instances_from_the_database(api: Any) -> None:
     assert "django_http_requests" in text  # django-prometheus's own series
 
 
-def test_it_reports_gpus_from_nvml(api: Any) -> None:
-    handles = ["gpu0", "gpu1"]
-    with (
-        mock.patch("instances.gpu._initialised", True),
-        mock.patch("pynvml.nvmlDeviceGetCount", return_value=2),
-        mock.patch("pynvml.nvmlDeviceGetHandleByIndex", side_effect=handles.__getitem__),
-        mock.patch(
-            "pynvml.nvmlDeviceGetMemoryInfo",
-            side_effect=lambda h: SimpleNamespace(used=1024 * (handles.index(h) + 1), total=8192),
-        ),
-        mock.patch(
-            "pynvml.nvmlDeviceGetUtilizationRates",
-            side_effect=lambda h: SimpleNamespace(gpu=40 + handles.index(h)),
-        ),
-        mock.patch("pynvml.nvmlDeviceGetName", return_value="NVIDIA H100"),
-    ):
-        text = scrape(api)
+def test_it_reports_gpus_from_nvml(api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_gpus(monkeypatch, [("NVIDIA H100", 1024, 8192, 40), ("NVIDIA H100", 2048, 8192, 41)])
+    text = scrape(api)
     assert 'tei_manager_gpu_memory_used_bytes{gpu="1",name="NVIDIA H100"} 2048.0' in text
     assert 'tei_manager_gpu_memory_total_bytes{gpu="0",name="NVIDIA H100"} 8192.0' in text
     assert 'tei_manager_gpu_utilization_percent{gpu="0",name="NVIDIA H100"} 40.0' in text
 
 
 def test_it_has_no_gpu_series_without_nvml(api: Any) -> None:
-    with mock.patch("instances.gpu.device_count", return_value=None):
-        assert "tei_manager_gpu_" not in scrape(api)
+    assert gpu.device_count() is None  # this machine's real NVML
+    assert "tei_manager_gpu_" not in scrape(api)
