@@ -302,6 +302,19 @@ def wait_for_status(name: str, *statuses: str, timeout: float = 90) -> Any:
         ) from None
 
 
+def wait_for_new_process(name: str, old_pid: int, timeout: float, message: str) -> Any:
+    """Wait until instance `name` is running again under a pid other than `old_pid`."""
+    from instances.models import Instance, Status
+
+    return wait_until(
+        lambda: (
+            Instance.objects.filter(name=name, status=Status.RUNNING).exclude(pid=old_pid).first()
+        ),
+        timeout,
+        message,
+    )
+
+
 @pytest.fixture
 def running_instance(manager_worker: Worker) -> Callable[..., Any]:
     from instances import services

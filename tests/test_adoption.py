@@ -13,7 +13,7 @@ import pytest
 
 from instances import process, services, supervisor
 from instances.models import DesiredState, Instance, Status
-from tests.conftest import FAKE_TEI, SESSION_ID, wait_for_status, wait_until
+from tests.conftest import FAKE_TEI, SESSION_ID, wait_for_new_process, wait_for_status, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,15 +33,7 @@ def test_it_adopts_live_instances_and_restores_dead_ones(start_worker: Any, sett
     wait_until(lambda: not process.is_alive(lost.pid, lost.process_started_at), 10)
 
     second_worker = start_worker(node, TEI_BINARY_PATH=str(FAKE_TEI))
-    restored = wait_until(
-        lambda: (
-            Instance.objects.filter(name="lost", status=Status.RUNNING)
-            .exclude(pid=lost.pid)
-            .first()
-        ),
-        30,
-        "the dead instance restored",
-    )
+    restored = wait_for_new_process("lost", lost.pid, 30, "the dead instance restored")
     assert restored.restarts == 1
     checked = kept.last_health_check
     adopted = wait_until(

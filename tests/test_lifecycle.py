@@ -14,7 +14,7 @@ from tei.v1 import tei_pb2, tei_pb2_grpc
 
 from instances import process
 from instances.models import Instance, Status
-from tests.conftest import Worker, wait_for_status, wait_until
+from tests.conftest import Worker, wait_for_new_process, wait_for_status, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -62,28 +62,12 @@ def test_it_runs_the_whole_lifecycle(manager_worker: Worker, api: Any, log_dir: 
 
     restarted = api.post("/instances/life/restart")
     assert restarted.status_code == 200
-    third = wait_until(
-        lambda: (
-            Instance.objects.filter(name="life", status=Status.RUNNING)
-            .exclude(pid=second.pid)
-            .first()
-        ),
-        90,
-        "a new running process",
-    )
+    third = wait_for_new_process("life", second.pid, 90, "a new running process")
     assert third.restarts == 1
     assert not process.is_alive(second.pid, second.process_started_at)
 
     os.kill(third.pid, signal.SIGKILL)
-    fourth = wait_until(
-        lambda: (
-            Instance.objects.filter(name="life", status=Status.RUNNING)
-            .exclude(pid=third.pid)
-            .first()
-        ),
-        90,
-        "running again after kill -9",
-    )
+    fourth = wait_for_new_process("life", third.pid, 90, "running again after kill -9")
     assert fourth.restarts == 2
     assert f"process {third.pid} exited" in fourth.last_error
     assert len(embed(fourth)) == 384

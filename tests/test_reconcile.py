@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from instances import process, services, supervisor
 from instances.models import DesiredState, Heartbeat, Instance, OrphanProcess, Status
-from tests.conftest import Worker, wait_for_status, wait_until
+from tests.conftest import Worker, wait_for_new_process, wait_for_status, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -21,15 +21,7 @@ def test_it_restarts_a_killed_instance(fake_worker: Worker) -> None:
     services.create_instance(name="victim", model_id="fake/model")
     first = wait_for_status("victim", Status.RUNNING, timeout=30)
     os.kill(first.pid, signal.SIGKILL)
-    second = wait_until(
-        lambda: (
-            Instance.objects.filter(name="victim", status=Status.RUNNING)
-            .exclude(pid=first.pid)
-            .first()
-        ),
-        90,
-        "running again with a new pid",
-    )
+    second = wait_for_new_process("victim", first.pid, 90, "running again with a new pid")
     assert second.restarts == 1
     assert f"process {first.pid} exited" in second.last_error
     assert not process.is_alive(first.pid, first.process_started_at)
@@ -107,15 +99,7 @@ def test_it_restarts_an_instance_that_stops_answering(fake_worker: Worker) -> No
     running = wait_for_status("frozen", Status.RUNNING, timeout=30)
     os.kill(running.pid, signal.SIGSTOP)  # alive, but no gRPC answer
     try:
-        fresh = wait_until(
-            lambda: (
-                Instance.objects.filter(name="frozen", status=Status.RUNNING)
-                .exclude(pid=running.pid)
-                .first()
-            ),
-            60,
-            "a new process",
-        )
+        fresh = wait_for_new_process("frozen", running.pid, 60, "a new process")
     finally:
         if process.is_alive(running.pid, running.process_started_at):
             os.kill(running.pid, signal.SIGKILL)
