@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from localtei.settings import Settings
+from localtei.spec import POOLINGS
 
-_POOLINGS = ("cls", "mean", "splade", "last-token")
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     add("--revision", default=_env("REVISION"))
     add("--tokenization-workers", type=int, default=_env_int("TOKENIZATION_WORKERS"))
     add("--dtype", choices=_DTYPES, default=_env("DTYPE"))
-    add("--pooling", choices=_POOLINGS, default=_env("POOLING"))
+    add("--pooling", choices=POOLINGS, default=_env("POOLING"))
     add("--max-concurrent-requests", type=int, default=_env_int("MAX_CONCURRENT_REQUESTS", 512))
     add("--max-batch-tokens", type=int, default=_env_int("MAX_BATCH_TOKENS", 16384))
     add("--max-batch-requests", type=int, default=_env_int("MAX_BATCH_REQUESTS"))
@@ -51,7 +51,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     # TEI reads HOSTNAME too, but shells set it to the machine's name: only the flag counts.
     add("--hostname", default="0.0.0.0")
     add("--port", "-p", type=int, default=_env_int("PORT", 3000))
-    add("--uds-path", default=_env("UDS_PATH", "/tmp/text-embeddings-inference-server"))
     add("--huggingface-hub-cache", default=_env("HUGGINGFACE_HUB_CACHE"))
     add("--payload-limit", type=int, default=_env_int("PAYLOAD_LIMIT", 2_000_000))
     add("--api-key", default=_env("API_KEY"))
@@ -65,6 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     add("--cors-allow-origin", action="append", default=None, help=argparse.SUPPRESS)
     add("--dense-path", default=None, help=argparse.SUPPRESS)
     add("--serverless", action="store_true", help=argparse.SUPPRESS)
+    add("--uds-path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     _check_ranges(parser, args)
     return Settings(
@@ -82,7 +82,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         default_prompt=args.default_prompt,
         hostname=args.hostname,
         port=args.port,
-        uds_path=args.uds_path,
         prometheus_port=args.prometheus_port,
         json_output=args.json_output,
         huggingface_hub_cache=args.huggingface_hub_cache,

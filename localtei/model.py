@@ -18,7 +18,7 @@ import torch
 
 from localtei.errors import BackendError, StartupError
 from localtei.jobs import Job, Task
-from localtei.lookup import find_model
+from localtei.lookup import ModelLocation, find_model
 from localtei.spec import ModelKind, ModelSpec, describe_model
 from localtei.tokenization import TextTokenizer
 
@@ -51,13 +51,17 @@ def load_model(
     default_prompt: str | None = None,
     default_prompt_name: str | None = None,
     max_input_length: int | None = None,
+    found: tuple[ModelLocation, ModelSpec] | None = None,
 ) -> Model:
     """Find, describe and load a model; StartupError with one clear line when impossible.
 
     `max_input_length` caps the model's own limit (the server passes `--max-batch-tokens`).
+    `found`: where the model is and what it is, when the caller has looked already.
     """
-    location = find_model(model_id, revision, cache_dir)
-    spec = describe_model(location.path, pooling)
+    if found is None:
+        location = find_model(model_id, revision, cache_dir)
+        found = location, describe_model(location.path, pooling)
+    location, spec = found
     if default_prompt_name is not None:
         if default_prompt_name not in spec.prompts:
             raise StartupError(

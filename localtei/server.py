@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from localtei.errors import StartupError
 from localtei.lookup import ModelLocation, find_model
 from localtei.settings import Settings
-from localtei.spec import describe_model
+from localtei.spec import ModelSpec, describe_model
 
 if TYPE_CHECKING:  # both import torch: kept off the fast "model not found" path
     from localtei.model import Model
@@ -53,7 +53,7 @@ async def _serve(settings: Settings) -> int:
     log.info(
         "Model files for '%s' found in %s (%s)", settings.model_id, location.path, location.source
     )
-    describe_model(location.path, settings.pooling)  # a model it cannot serve fails here too
+    spec = describe_model(location.path, settings.pooling)  # one it cannot serve fails here
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -71,7 +71,7 @@ async def _serve(settings: Settings) -> int:
     log.info("Starting gRPC server on %s:%d", settings.hostname, settings.port)
     _serve_metrics(settings)
 
-    loading = _in_daemon_thread(_load_model, settings, location)
+    loading = _in_daemon_thread(_load_model, settings, location, spec)
     stopping = asyncio.ensure_future(stop.wait())
     waiters: list[asyncio.Future[Any]] = [loading, stopping]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -175,32 +175,31 @@ def _serve_metrics(settings: Settings) -> None:
     log.info("Serving Prometheus metrics on %s:%d", settings.hostname, settings.prometheus_port)
 
 
-def _load_model(settings: Settings, location: ModelLocation) -> Model:
+def _load_model(settings: Settings, location: ModelLocation, spec: ModelSpec) -> Model:
     try:
-        return _load_and_warm_up(settings, location)
+        return _load_and_warm_up(settings, location, spec)
     except StartupError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever it is, it is one line in the log
         raise StartupError(f"model '{settings.model_id}' failed to load: {exc}") from exc
 
 
-def _load_and_warm_up(settings: Settings, location: ModelLocation) -> Model:
+def _load_and_warm_up(settings: Settings, location: ModelLocation, spec: ModelSpec) -> Model:
     started = time.perf_counter()
     log.info("Starting model load")
     threads = _configure_torch_threads()
     from localtei.model import load_model
 
     model = load_model(
-        str(location.path),
+        settings.model_id,
         settings.pooling,
         settings.dtype,
         default_prompt=settings.default_prompt,
         default_prompt_name=settings.default_prompt_name,
         # An input must fit in one batch.
         max_input_length=settings.max_batch_tokens,
+        found=(location, spec),
     )
-    model.model_id = settings.model_id
-    model.sha = location.sha
     model.warm_up()
     log.info(
         "Model loaded in %.1fs: %s, %s, pooling %s, dtype %s, %d torch threads",

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
@@ -218,7 +218,7 @@ class TeiService(
         method: str,
         requests: AsyncIterator[Request],
         context: Any,
-        work: Callable[[Request], Awaitable[Response]],
+        work: Callable[[Request], Coroutine[Any, Any, Response]],
         *,
         infer: bool = True,
     ) -> AsyncIterator[Response]:
@@ -252,7 +252,7 @@ class TeiService(
         self,
         method: str,
         requests: AsyncIterator[Request],
-        work: Callable[[Request], Awaitable[Response]],
+        work: Callable[[Request], Coroutine[Any, Any, Response]],
         pending: asyncio.Queue[asyncio.Task[Response] | None],
         infer: bool,
     ) -> None:
@@ -261,7 +261,7 @@ class TeiService(
                 metrics.REQUEST_COUNT.labels(method).inc()
                 if infer:
                     await self._permits.acquire()
-                task = asyncio.create_task(_as_task(work(request)))
+                task = asyncio.create_task(work(request))
                 if infer:
                     # A callback, not a `finally`: it runs even for a task cancelled unstarted.
                     task.add_done_callback(self._release_permit)
@@ -272,14 +272,12 @@ class TeiService(
     def _release_permit(self, _: object) -> None:
         self._permits.release()
 
-    def _admit(self, context: Any) -> Model:
+    def _admit(self, context: Any) -> None:
         if self._bearer is not None:
             sent = dict(context.invocation_metadata()).get("authorization")
             if sent != self._bearer:
                 raise UnauthenticatedError("missing or wrong API key")
-        if self.model is None:
-            raise UnavailableError("model is not ready (loading or shutting down)")
-        return self.model
+        self._ready_model()
 
     async def _infer(self, jobs: Sequence[Job]) -> list[Any]:
         assert self._batcher is not None and self._loop is not None
@@ -543,10 +541,6 @@ async def _fail(context: Any, method: str, err: ServingError) -> NoReturn:
         log.error("%s: %s", method, err.message)
     await context.abort(err.code, err.message)
     raise AssertionError("unreachable: abort raises")
-
-
-async def _as_task(work: Awaitable[Response]) -> Response:
-    return await work
 
 
 def _optional(message: Any, field: str) -> str | None:

@@ -21,7 +21,6 @@ class Settings:
     default_prompt: str | None = None
     hostname: str = "0.0.0.0"
     port: int = 3000
-    uds_path: str | None = None
     prometheus_port: int = 9000
     json_output: bool = False
     huggingface_hub_cache: str | None = None
