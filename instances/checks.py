@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
+from instances.process import is_executable
+
 
 @register()
 def check_instance_binary(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
     path = settings.TEI.tei_binary_path
-    if path and os.path.isfile(path) and os.access(path, os.X_OK):
+    if is_executable(path):
         return []
     if importlib.util.find_spec("localtei") is not None:
         if path:

@@ -9,7 +9,7 @@ from django import forms
 from django.conf import settings
 from rest_framework.fields import empty
 
-from instances import dashboard, errors, services
+from instances import errors, gpu, services
 from instances.api.serializers import InstanceCreateSerializer
 from instances.models import Instance, Pooling
 
@@ -17,8 +17,6 @@ from instances.models import Instance, Pooling
 ERROR_FIELDS: dict[type[errors.TeiManagerError], str] = {
     errors.InstanceExists: "name",
     errors.PortConflict: "port",
-    errors.InvalidPort: "port",
-    errors.InvalidGpuId: "gpu_id",
 }
 
 
@@ -54,10 +52,11 @@ class InstanceCreateForm(forms.ModelForm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         declared = InstanceCreateSerializer().fields
+        help_texts = _help_texts()
         for name, field in self.fields.items():
             api_field = declared.get(name)
             field.required = bool(api_field and api_field.required)
-            field.help_text = _help_text(name, api_field)
+            field.help_text = _with_default(help_texts.get(name, ""), api_field)
             default = getattr(api_field, "default", empty)
             if isinstance(field, forms.BooleanField):
                 field.initial = default
@@ -106,10 +105,10 @@ class InstanceCreateForm(forms.ModelForm):
         return payload
 
 
-def _help_text(name: str, api_field: Any) -> str:
-    """Each add-form field's help, with the API's default where it has one."""
+def _help_texts() -> dict[str, str]:
+    """Each add-form field's help (read once per form: it asks NVML for the GPUs)."""
     tei = settings.TEI
-    texts = {
+    return {
         "name": "A short slug (letters, digits, - and _) that names the instance and its "
         "log file. It cannot be changed later.",
         "model_id": "A Hugging Face model ID, e.g. sentence-transformers/all-MiniLM-L6-v2, "
@@ -133,7 +132,9 @@ def _help_text(name: str, api_field: Any) -> str:
         "--auto-truncate, or --dtype and then float16 on the next line. They are passed "
         "as arguments, never through a shell.",
     }
-    text = texts.get(name, "")
+
+
+def _with_default(text: str, api_field: Any) -> str:
     default = getattr(api_field, "default", empty)
     if _shown(default):
         text = f"{text} Default: {default}."
@@ -146,10 +147,10 @@ def _shown(default: Any) -> bool:
 
 
 def _detected_gpus() -> str:
-    panel = dashboard.gpu_panel()
-    if not panel.gpus:
+    gpus = gpu.stats()
+    if not gpus:
         return "No NVIDIA GPU is detected on this host."
-    return "Detected: " + ", ".join(f"{g.index} ({g.name})" for g in panel.gpus) + "."
+    return "Detected: " + ", ".join(f"{g.index} ({g.name})" for g in gpus) + "."
 
 
 def _flatten(detail: Any) -> list[str]:

@@ -98,10 +98,6 @@ class Instance(models.Model):
         """host:port the multiplexer and the health check dial."""
         return f"{self.host}:{self.port}"
 
-    @property
-    def log_name(self) -> str:
-        return f"{self.name}.log"
-
     def transition(
         self,
         from_states: Iterable[str],

@@ -36,9 +36,13 @@ class Spawned:
     create_time: float
 
 
+def is_executable(path: str) -> bool:
+    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
+
+
 def binary_command(tei_binary_path: str) -> list[str]:
     """The router when TEI_BINARY_PATH points at an executable, localtei otherwise."""
-    if tei_binary_path and os.path.isfile(tei_binary_path) and os.access(tei_binary_path, os.X_OK):
+    if is_executable(tei_binary_path):
         return [tei_binary_path]
     return [sys.executable, "-m", "localtei"]
 
@@ -79,7 +83,7 @@ def spawn(instance: Instance, tei_binary_path: str, log_dir: Path) -> Spawned:
     """Start the instance's process; raises OSError when the binary cannot be executed."""
     command = build_command(instance, tei_binary_path)
     log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / instance.log_name, "ab", buffering=0) as log:
+    with open(log_path(log_dir, instance.name), "ab", buffering=0) as log:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         log.write(f"--- {stamp} tei-manager: starting {' '.join(command)}\n".encode())
         child = subprocess.Popen(

@@ -56,7 +56,7 @@ def create_instance(**fields: Any) -> Instance:
 def start_instance(name: str) -> Instance:
     instance = get_instance(name)
     with transaction.atomic():
-        if instance.transition([Status.STOPPED, Status.FAILED], Status.PENDING, **_FRESH):
+        if instance.transition(Status.terminal(), Status.PENDING, **_FRESH):
             _enqueue_on_commit(tasks.launch_instance, instance)
             return instance
         # A stop in flight: the stop task starts it again once the old process is gone.
@@ -68,8 +68,8 @@ def start_instance(name: str) -> Instance:
 def stop_instance(name: str) -> Instance:
     instance = get_instance(name)
     with transaction.atomic():
-        active = [Status.PENDING, Status.STARTING, Status.RUNNING]
-        if instance.transition(active, Status.STOPPING, desired_state=DesiredState.STOPPED):
+        stopped = DesiredState.STOPPED
+        if instance.transition(Status.active(), Status.STOPPING, desired_state=stopped):
             _enqueue_on_commit(tasks.stop_instance, instance)
             return instance
         if _set_desired(instance, [Status.STOPPING], DesiredState.STOPPED):
@@ -81,12 +81,12 @@ def restart_instance(name: str) -> Instance:
     """Stop the process (if any) and start a new one; counts as a restart when one ran."""
     instance = get_instance(name)
     with transaction.atomic():
-        ran = [Status.PENDING, Status.STARTING, Status.RUNNING]
-        if instance.transition(ran, Status.PENDING, restarts=F("restarts") + 1, **_FRESH):
+        restarts = F("restarts") + 1
+        if instance.transition(Status.active(), Status.PENDING, restarts=restarts, **_FRESH):
             instance.refresh_from_db()
             _enqueue_on_commit(tasks.launch_instance, instance)
             return instance
-        if instance.transition([Status.STOPPED, Status.FAILED], Status.PENDING, **_FRESH):
+        if instance.transition(Status.terminal(), Status.PENDING, **_FRESH):
             _enqueue_on_commit(tasks.launch_instance, instance)
             return instance
         _set_desired(instance, [Status.STOPPING], DesiredState.RUNNING)

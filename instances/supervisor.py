@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 LOG_LINES_IN_ERROR = 10
 HEALTH_TIMEOUT_SECS = 2.0
 MAX_BACKOFF_SECS = 300
-_ACTIVE = [Status.PENDING, Status.STARTING, Status.RUNNING]
 
 
 def launch(pk: int) -> None:
@@ -170,7 +169,8 @@ def restore_node(node: str) -> list[int]:
     Returns the pks to launch. Runs in the worker's main process, so it never spawns.
     """
     to_launch = []
-    for instance in Instance.objects.filter(node=node, status__in=_ACTIVE + [Status.STOPPING]):
+    on_node = Instance.objects.filter(node=node, status__in=[*Status.active(), Status.STOPPING])
+    for instance in on_node:
         if process.is_alive(instance.pid, instance.process_started_at):
             log.info("instance %s: adopted live pid %s", instance.name, instance.pid)
             continue
@@ -216,9 +216,9 @@ def shutdown_node(node: str, grace_secs: float) -> None:
 
 
 def _converge_stopped(instance: Instance, alive: bool) -> None:
-    if instance.status in _ACTIVE:
+    if instance.status in Status.active():
         # The stop message was lost, or a live process was adopted that should not run.
-        if instance.transition(_ACTIVE, Status.STOPPING):
+        if instance.transition(Status.active(), Status.STOPPING):
             stop(instance.pk)
     elif instance.status == Status.STOPPING:
         if not alive:

@@ -118,7 +118,7 @@ def _build(values: dict[str, Any]) -> Config:
             continue
         if key not in known:
             raise ConfigError(f"unknown config key '{key}'")
-        kwargs[key] = _coerce(key, raw, type(getattr(defaults, key)))
+        kwargs[key] = coerce(key, raw, type(getattr(defaults, key)))
     kwargs["mtls"] = _build_mtls(values.get("auth", {}))
     kwargs["instances"] = _build_seeds(values.get("instances", []))
     config = Config(**kwargs)
@@ -126,7 +126,7 @@ def _build(values: dict[str, Any]) -> Config:
     return config
 
 
-def _coerce(key: str, raw: Any, kind: type) -> Any:
+def coerce(key: str, raw: Any, kind: type) -> Any:
     if kind is bool:
         if isinstance(raw, bool):
             return raw

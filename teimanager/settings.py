@@ -9,27 +9,26 @@ from pathlib import Path
 
 import dj_database_url
 
-from teimanager.config import ConfigError, load_config
+from teimanager.config import ConfigError, coerce, load_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
 def envbool(name: str, default: str) -> bool:
-    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
-
-
-def envint(name: str, default: str) -> int:
-    return int(os.environ.get(name, default))
+    """A boolean environment variable, read as the config file's booleans are."""
+    return bool(coerce(name, os.environ.get(name) or default, bool))
 
 
 try:
     TEI = load_config()
+    DEBUG = envbool("DEBUG", "false")
+    # A worker that exits stops its node's instances (Ctrl-C on `make run` leaves nothing).
+    STOP_INSTANCES_ON_EXIT = envbool("TEI_MANAGER_STOP_INSTANCES_ON_EXIT", "true")
 except ConfigError as exc:
     sys.stderr.write(f"TEI Manager configuration error: {exc}\n")
     raise SystemExit(2) from None
 
 SECRET_KEY = os.environ.get("SECRET_KEY", "tei-manager-insecure-dev-key-set-SECRET_KEY-in-prod")
-DEBUG = envbool("DEBUG", "false")
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "*").split(",")
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
@@ -116,8 +115,6 @@ LOG_DIR = Path(TEI.log_dir)
 NODE_NAME = os.environ.get("TEI_MANAGER_NODE", "") or socket.gethostname()
 # The address the multiplexer and the health check dial for this node's instances.
 INSTANCE_HOST = os.environ.get("TEI_MANAGER_INSTANCE_HOST", "127.0.0.1")
-# A worker that exits stops its node's instances (Ctrl-C on `make run` leaves nothing).
-STOP_INSTANCES_ON_EXIT = envbool("TEI_MANAGER_STOP_INSTANCES_ON_EXIT", "true")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
@@ -151,7 +148,6 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
-PROMETHEUS_MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
 
 LOGGING = {
     "version": 1,

@@ -30,6 +30,7 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     assert set(body) == {"error", "code", "timestamp"}
     assert body["code"] == code
     assert body["error"]
+    assert body["timestamp"].endswith("Z")  # UTC, written as every time in the API
     datetime.fromisoformat(body["timestamp"])
     return body
 
@@ -299,7 +300,7 @@ def test_it_reports_health_with_heartbeats(api: Any) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok"
-    assert body["heartbeats"]["reconcile"] is not None
+    assert body["heartbeats"]["reconcile"].endswith("Z")
     assert body["heartbeats"]["multiplexer"] is None
 
 

@@ -12,7 +12,7 @@ from django.views import defaults
 from rest_framework import exceptions
 from rest_framework.response import Response
 
-from instances.api.serializers import validation_error
+from instances.api.serializers import iso, validation_error
 from instances.errors import (
     InternalError,
     MalformedJson,
@@ -59,7 +59,7 @@ def as_error(exc: Exception) -> TeiManagerError | None:
 
 
 def body(error: TeiManagerError) -> dict[str, str]:
-    return {"error": error.message, "code": error.code, "timestamp": timezone.now().isoformat()}
+    return {"error": error.message, "code": error.code, "timestamp": iso(timezone.now())}
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

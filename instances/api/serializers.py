@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, overload
 
 from django.db import connection
 from rest_framework import serializers
@@ -213,14 +213,19 @@ def list_instances_json() -> str:
 
 def represent(data: dict[str, Any]) -> dict[str, Any]:
     for name in _DATETIME_FIELDS:
-        data[name] = _iso(data[name])
+        data[name] = iso(data[name])
     return data
 
 
 _DATETIME_FIELDS = ("started_at", "last_health_check", "created_at", "updated_at")
 
 
-def _iso(value: datetime | None) -> str | None:
+@overload
+def iso(value: datetime) -> str: ...
+@overload
+def iso(value: datetime | None) -> str | None: ...
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a Z, as every time in the API is written."""
     if value is None:
         return None
     text = value.isoformat()

@@ -19,6 +19,7 @@ from instances.api.serializers import (
     InstanceCreateSerializer,
     InstanceSerializer,
     LogsSerializer,
+    iso,
     list_instances_json,
     validation_error,
 )
@@ -99,7 +100,7 @@ def health(request: Request) -> Response:
         {
             "status": "ok",
             "database": "ok",
-            "heartbeats": {k: v.isoformat() if v else None for k, v in beats.items()},
+            "heartbeats": {k: iso(v) for k, v in beats.items()},
         }
     )
 
