@@ -110,8 +110,11 @@ class Instance(models.Model):
         (and, with `same_process`, still records the pid this object read).
 
         Returns False (and changes nothing) when another process got there first.
+        `pid=None` forgets the process whole: its start time goes with it.
         """
         fields = {"status": to_status, **fields}
+        if "pid" in fields and fields["pid"] is None:
+            fields["process_started_at"] = None
         rows = Instance.objects.filter(pk=self.pk, status__in=list(from_states))
         if same_process:
             rows = rows.filter(pid=self.pid)

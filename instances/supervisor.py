@@ -38,7 +38,6 @@ def launch(pk: int) -> None:
         Status.STARTING,
         started_at=timezone.now(),
         pid=None,
-        process_started_at=None,
     ):
         return
     process.terminate(old_pid, old_create_time, _grace())
@@ -50,7 +49,6 @@ def launch(pk: int) -> None:
             [Status.STARTING],
             Status.FAILED,
             pid=None,
-            process_started_at=None,
             last_error=f"cannot run {command}: {exc}",
         )
         return
@@ -85,9 +83,7 @@ def stop(pk: int) -> None:
     if instance is None or instance.status != Status.STOPPING:
         return
     process.terminate(instance.pid, instance.process_started_at, _grace())
-    if not instance.transition(
-        [Status.STOPPING], Status.STOPPED, pid=None, process_started_at=None
-    ):
+    if not instance.transition([Status.STOPPING], Status.STOPPED, pid=None):
         return
     instance.refresh_from_db()
     if instance.desired_state == DesiredState.RUNNING and instance.transition(
@@ -208,9 +204,7 @@ def shutdown_node(node: str, grace_secs: float) -> None:
     )
     OrphanProcess.objects.filter(pk__in=[o.pk for o in orphans]).delete()
     for instance in instances:
-        Instance.objects.filter(pk=instance.pk, pid=instance.pid).update(
-            status=Status.STOPPED, pid=None, process_started_at=None, updated_at=timezone.now()
-        )
+        instance.transition(Status.values, Status.STOPPED, same_process=True, pid=None)
     if instances:
         log.info("stopped %d instance(s) of node %s", len(instances), node)
 

@@ -76,3 +76,20 @@ def test_it_starts_a_stopped_instance_once_under_racing_starts(
     assert Counter(status for status, _ in results) == {200: 1, 409: 9}, results
     assert {body["code"] for status, body in results if status == 409} == {"ALREADY_RUNNING"}
     assert Instance.objects.get(name="raced").status == "pending"
+
+
+def test_a_transition_that_forgets_the_pid_forgets_its_start_time_too() -> None:
+    from django.utils import timezone
+
+    from instances.models import Status
+
+    row = Instance.objects.create(
+        name="forgetful", model_id="m", port=18500, prometheus_port=19500,
+        status=Status.RUNNING, pid=4242, process_started_at=123.5, started_at=timezone.now(),
+    )  # fmt: skip
+    assert not row.transition([Status.STOPPED], Status.FAILED, pid=None)  # not in that state
+    assert Instance.objects.get(pk=row.pk).process_started_at == 123.5
+    assert row.transition([Status.RUNNING], Status.FAILED, same_process=True, pid=None)
+    stored = Instance.objects.get(pk=row.pk)
+    assert (stored.status, stored.pid, stored.process_started_at) == (Status.FAILED, None, None)
+    assert row.process_started_at is None
