@@ -90,7 +90,7 @@ def evaluate(now: datetime | None = None, up_since: datetime | None = None) -> H
         seen: dict[str, datetime | None] = dict(Heartbeat.objects.values_list("name", "last_seen"))
         nodes = {settings.NODE_NAME, *Instance.objects.values_list("node", flat=True).distinct()}
     except Exception as exc:
-        log.warning("health: the database does not answer: %s", exc)
+        log.warning("the database does not answer: %s", exc)
         return Health(f"{type(exc).__name__}: {exc}", (), {})
     tick = float(settings.TEI.health_check_interval_secs)
     expected = [(BEAT, tick), (RECONCILE, tick)]
