@@ -105,9 +105,11 @@ def test_it_names_the_key_of_a_bad_value(
         load_config(write(tmp_path, text), env=env)
 
 
-def test_it_refuses_a_missing_config_file(tmp_path: Path) -> None:
+def test_it_refuses_a_missing_or_unreadable_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.toml"), env={})
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(str(tmp_path), env={})  # a directory
 
 
 def test_it_takes_the_config_option_out_of_the_command_line() -> None:
