@@ -6,7 +6,6 @@ process. Every status change is a compare-and-set (`Instance.transition`).
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -23,13 +22,12 @@ from instances.errors import (
     PortConflict,
     ValidationFailed,
 )
-from instances.models import Counter, DesiredState, Heartbeat, Instance, OrphanProcess, Status
+from instances.models import Counter, DesiredState, Instance, OrphanProcess, Status
 
 log = logging.getLogger(__name__)
 
 CREATED_COUNTER = "instances_created"
 DELETED_COUNTER = "instances_deleted"
-KNOWN_HEARTBEATS = ("reconcile", "multiplexer")
 # A fresh start: what start and restart reset.
 _FRESH: dict[str, Any] = {
     "desired_state": DesiredState.RUNNING,
@@ -128,13 +126,6 @@ def get_instance(name: str) -> Instance:
     if instance is None:
         raise InstanceNotFound(f"instance '{name}' not found")
     return instance
-
-
-def heartbeats() -> dict[str, datetime | None]:
-    """Last sign of life of each background process; None for one never seen."""
-    seen: dict[str, datetime | None] = dict.fromkeys(KNOWN_HEARTBEATS)
-    seen.update(Heartbeat.objects.values_list("name", "last_seen"))
-    return seen
 
 
 def _insert(fields: dict[str, Any]) -> Instance:

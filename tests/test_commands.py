@@ -52,18 +52,18 @@ def test_it_names_the_seed_that_is_invalid(settings: Any) -> None:
         run("seed_instances")
 
 
-def test_it_creates_the_superuser_from_the_environment(monkeypatch: Any) -> None:
-    monkeypatch.setenv("DJANGO_SUPERUSER_USERNAME", "boss")
-    monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "s3cret-pass")
+def test_it_creates_the_superuser_from_the_environment(settings: Any) -> None:
+    settings.TEI = dataclasses.replace(
+        settings.TEI, superuser_username="boss", superuser_password="s3cret-pass"
+    )
     assert "Created superuser 'boss'" in run("ensure_superuser")
     user = get_user_model().objects.get(username="boss")
     assert user.is_superuser and user.check_password("s3cret-pass")
     assert "exists already" in run("ensure_superuser")
 
 
-def test_it_generates_and_prints_a_password_once(monkeypatch: Any) -> None:
-    monkeypatch.delenv("DJANGO_SUPERUSER_USERNAME", raising=False)
-    monkeypatch.delenv("DJANGO_SUPERUSER_PASSWORD", raising=False)
+def test_it_generates_and_prints_a_password_once(settings: Any) -> None:
+    settings.TEI = dataclasses.replace(settings.TEI, superuser_username="admin")
     output = run("ensure_superuser")
     password = re.search(r"password: (\S+)", output)
     assert password is not None

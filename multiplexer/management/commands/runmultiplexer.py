@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from typing import Any
 
@@ -20,9 +19,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--host",
-            default=os.environ.get("TEI_MANAGER_GRPC_HOST")
-            or os.environ.get("TEI_MANAGER_BIND")
-            or "127.0.0.1",
+            default=settings.TEI.grpc_host or settings.TEI.bind,
             help="address to listen on (TEI_MANAGER_GRPC_HOST, else TEI_MANAGER_BIND)",
         )
         parser.add_argument("--port", type=int, default=None, help="default: grpc_port")
@@ -36,7 +33,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--metrics-port",
             type=int,
-            default=int(os.environ.get("TEI_MANAGER_MULTIPLEXER_METRICS_PORT", "9002")),
+            default=settings.TEI.multiplexer_metrics_port,
             help="Prometheus port of the multiplexer (0: none)",
         )
         parser.add_argument(
@@ -83,6 +80,8 @@ class Command(BaseCommand):
         server = MultiplexerServer(server_options)
         try:
             port = await server.start()
+        except ValueError as exc:  # an [auth.mtls] file went away after the system check
+            raise CommandError(str(exc)) from None
         except RuntimeError as exc:
             raise CommandError(
                 f"cannot listen on {options['host']}:{server_options.port}: {exc}"
