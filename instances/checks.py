@@ -1,4 +1,4 @@
-"""System checks: what is missing before anything starts (`manage.py check`, migrate, ...)."""
+"""System checks: what is missing or wrong before anything starts (`manage.py check`, migrate)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
-from instances.process import is_executable
+from instances.launch import is_executable
+from teimanager.config import ConfigError
 
 
 @register()
@@ -45,3 +46,21 @@ def check_broker(app_configs: Any, **kwargs: Any) -> list[Error]:
             id="instances.E002",
         )
     ]
+
+
+@register()
+def check_seeds(app_configs: Any, **kwargs: Any) -> list[Error]:
+    from instances.api.serializers import validate_seeds
+
+    try:
+        validate_seeds(settings.TEI.instances)
+    except ConfigError as exc:
+        return [
+            Error(
+                str(exc),
+                hint="Each [[instances]] table of the config file takes the create API's "
+                "fields (POST /instances), with the same rules.",
+                id="instances.E003",
+            )
+        ]
+    return []

@@ -5,6 +5,7 @@ Env overrides file; file overrides defaults; a bad value raises ConfigError nami
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ class Config:
     grpc_request_timeout_secs: float = 30.0
     state_file: str = "var/state.sqlite3"
     log_dir: str = "var/logs"
+    # The address instances listen on (`--hostname`); the multiplexer dials
+    # TEI_MANAGER_INSTANCE_HOST, which may differ (a container's name, another host's).
+    instance_bind: str = "127.0.0.1"
     mtls: MtlsConfig = field(default_factory=MtlsConfig)
     instances: tuple[dict[str, Any], ...] = ()
 
@@ -62,6 +66,7 @@ ENV_OVERRIDES = {
     "state_file": "TEI_MANAGER_STATE_FILE",
     "log_dir": "TEI_MANAGER_LOG_DIR",
     "tei_binary_path": "TEI_BINARY_PATH",
+    "instance_bind": "TEI_MANAGER_INSTANCE_BIND",
 }
 
 _PORT_KEYS = {
@@ -71,18 +76,6 @@ _PORT_KEYS = {
     "instance_port_end",
     "prometheus_port_start",
     "prometheus_port_end",
-}
-_INSTANCE_KEYS = {
-    "name",
-    "model_id",
-    "port",
-    "gpu_id",
-    "max_batch_tokens",
-    "max_concurrent_requests",
-    "pooling",
-    "prometheus_port",
-    "startup_timeout_secs",
-    "extra_args",
 }
 
 
@@ -175,17 +168,13 @@ def _build_mtls(auth: Any) -> MtlsConfig:
 
 
 def _build_seeds(seeds: Any) -> tuple[dict[str, Any], ...]:
+    """The `[[instances]]` tables as they are: their fields are the create API's, checked
+    by its serializer (system check instances.E003, and `manage.py seed_instances`)."""
     if not isinstance(seeds, list):
         raise ConfigError("config key 'instances' must be an array of tables ([[instances]])")
     for index, seed in enumerate(seeds):
         if not isinstance(seed, dict):
             raise ConfigError(f"config key 'instances[{index}]' must be a table")
-        unknown = set(seed) - _INSTANCE_KEYS
-        if unknown:
-            raise ConfigError(f"unknown config key 'instances[{index}].{sorted(unknown)[0]}'")
-        for required in ("name", "model_id"):
-            if not seed.get(required):
-                raise ConfigError(f"config key 'instances[{index}].{required}' is required")
     return tuple(seeds)
 
 
@@ -200,3 +189,10 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError("config key 'max_instances' must be at least 1")
     if config.grpc_request_timeout_secs <= 0:
         raise ConfigError("config key 'grpc_request_timeout_secs' must be above 0")
+    try:
+        ipaddress.ip_address(config.instance_bind)
+    except ValueError:
+        # TEI binds every interface when --hostname is not an IP address.
+        raise ConfigError(
+            f"config key 'instance_bind' must be an IP address, got {config.instance_bind!r}"
+        ) from None
