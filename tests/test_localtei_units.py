@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from instances.launch import ROUTER_FLAGS
 from localtei.cli import parse_args
 from localtei.errors import StartupError
 from localtei.jobs import Job, Task
@@ -16,7 +17,6 @@ from localtei.lookup import find_model
 from localtei.server import listen_address
 from localtei.spec import ModelKind, describe_model
 from localtei.tokenization import Encoded
-from instances.launch import ROUTER_FLAGS
 from tests.localtei_fixtures import MINILM_ID, build_hf_cache, minilm_path
 
 
