@@ -1,4 +1,4 @@
-"""System checks: instances.E001 (no instance server), E002 (no broker)."""
+"""System checks: instances.E001 (no instance server), E002 (no broker), E003 (a bad seed)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from instances.checks import check_broker, check_instance_binary
+from instances.checks import check_broker, check_instance_binary, check_seeds
 
 
 def test_it_is_quiet_when_localtei_is_importable(settings: Any) -> None:
@@ -44,3 +44,15 @@ def test_it_reports_e002_without_a_broker(settings: Any) -> None:
     assert "CELERY_BROKER_URL" in error.msg
     settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/0"
     assert check_broker(None) == []
+
+
+def test_it_reports_e003_for_a_seed_the_create_api_would_refuse(settings: Any) -> None:
+    good = {"name": "a", "model_id": "m", "auto_truncate": False}
+    settings.TEI = dataclasses.replace(settings.TEI, instances=(good,))
+    assert check_seeds(None) == []
+    bad = {"name": "b", "model_id": "m", "extra_args": ["--port=1"]}
+    settings.TEI = dataclasses.replace(settings.TEI, instances=(good, bad))
+    [error] = check_seeds(None)
+    assert error.id == "instances.E003"
+    expected = "config key 'instances[1].extra_args': --port is set by the manager"
+    assert error.msg.startswith(expected)
