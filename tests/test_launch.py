@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,24 @@ def test_the_environment_names_no_tei_flag_and_keeps_what_a_server_needs(
     assert leaked == {"HF_TOKEN", "HF_API_TOKEN", "HUGGINGFACE_HUB_CACHE"}, leaked
     # What the manager sets on purpose: auto_truncate off says so in every router version.
     assert launch.build_env(make_instance(auto_truncate=False))["AUTO_TRUNCATE"] == "false"
+
+
+@pytest.mark.django_db
+def test_a_failed_start_explains_itself_without_the_hosts_paths(
+    settings: Any, tmp_path: Path
+) -> None:
+    settings.LOG_DIR = tmp_path
+    # A local directory that holds no model, relative to the instances' working directory.
+    row = make_instance(name="nomodel", model_id="tests")
+    spawned = process.spawn(row, "", tmp_path)
+    deadline = time.monotonic() + 60
+    while process.is_alive(spawned.pid, spawned.create_time):
+        assert time.monotonic() < deadline, "localtei did not give up"
+        process.reap_children()
+        time.sleep(0.1)
+    last_error = supervisor._log_tail(row)  # what the row's last_error and the API show
+    assert "model 'tests' is not loadable: no readable config.json" in last_error
+    assert str(launch.BASE_DIR) not in last_error
 
 
 def test_a_port_held_on_one_address_only_is_not_free() -> None:
