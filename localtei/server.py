@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from localtei.errors import StartupError
 from localtei.lookup import ModelLocation, find_model
@@ -113,7 +112,7 @@ async def _serve(settings: Settings) -> int:
 def _grpc_server(
     settings: Settings, service: TeiService, health: HealthServicer, service_names: tuple[str, ...]
 ) -> grpc.aio.Server:
-    from localtei.handlers import add_servicer
+    from localtei.handlers import add_health_and_reflection
     from localtei.services import add_tei_services
 
     server = grpc.aio.server(
@@ -125,15 +124,7 @@ def _grpc_server(
         ]
     )
     add_tei_services(service, server)
-    add_servicer(server, health, health_pb2.DESCRIPTOR.services_by_name["Health"])
-    reflection.enable_server_reflection(
-        (
-            *service_names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    add_health_and_reflection(server, health, service_names)
     address = f"{_grpc_host(settings.hostname)}:{settings.port}"
     try:
         server.add_insecure_port(address)

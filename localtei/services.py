@@ -61,7 +61,9 @@ def served_services(kind: ModelKind) -> set[str]:
 
 def add_tei_services(service: TeiService, server: grpc.aio.Server) -> None:
     for descriptor in tei_pb2.DESCRIPTOR.services_by_name.values():
-        add_servicer(server, service, descriptor)
+        # A malformed message in a stream is answered like any invalid request, after
+        # the answers to the messages before it.
+        add_servicer(server, service, descriptor, stream_error=ValidationError)
 
 
 class TeiService(
@@ -240,7 +242,7 @@ class TeiService(
                 metrics.REQUEST_SUCCESS.labels(method).inc()
                 metrics.REQUEST_DURATION.observe(time.perf_counter() - start)
                 yield response
-            # The requests ended: every one was answered. Did they end in an error?
+            # The requests ended and every one was answered. Did they end in an error?
             await asyncio.wait((feeder,))
             error = None if feeder.cancelled() else feeder.exception()
             if isinstance(error, ServingError):

@@ -17,6 +17,7 @@ import pytest
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from tei.v1 import tei_pb2
 from tei_multiplexer.v1 import multiplexer_pb2 as mux
 from tei_multiplexer.v1 import multiplexer_pb2_grpc
@@ -44,7 +45,14 @@ ALLOWED = {
     grpc.StatusCode.OUT_OF_RANGE,
 }
 NO_LIMIT = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-METHODS = list(mux.DESCRIPTOR.services_by_name["TeiMultiplexer"].methods)
+# Every method of the multiplexer but Health/Watch (a valid call waits for a change).
+METHODS = [
+    *mux.DESCRIPTOR.services_by_name["TeiMultiplexer"].methods,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].methods_by_name["Check"],
+    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].methods_by_name[
+        "ServerReflectionInfo"
+    ],
+]
 # A valid inner request per tei.v1 type, for the valid calls that garbage is made from.
 EXAMPLES = {
     "tei.v1.EmbedRequest": tei_pb2.EmbedRequest(inputs="fuzzing the wire", normalize=True),
@@ -177,6 +185,24 @@ def test_a_malformed_request_is_invalid_argument_straight_to_localtei(
             assert "<class" not in caught.value.details()
 
 
+@pytest.mark.parametrize("inner", [BAD_UTF8, TRUNCATED], ids=["bad-utf8", "truncated"])
+def test_health_and_reflection_refuse_a_malformed_request(
+    channel: grpc.Channel, minilm: LocalTEI, inner: bytes
+) -> None:
+    reflect = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    watch = "/grpc.health.v1.Health/Watch"
+    with minilm.channel() as direct:
+        for server in (channel, direct):
+            with pytest.raises(grpc.RpcError) as caught:
+                list(server.unary_stream(watch)(inner, timeout=10))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details().startswith("malformed request: not a valid")
+            with pytest.raises(grpc.RpcError) as caught:
+                list(server.stream_stream(reflect)(iter([inner]), timeout=10))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details().startswith("malformed request: not a valid")
+
+
 def test_a_malformed_message_ends_a_stream_with_invalid_argument_not_silently(
     channel: grpc.Channel, minilm: LocalTEI
 ) -> None:
@@ -242,7 +268,7 @@ SERVICE = "tei_multiplexer.v1.TeiMultiplexer"
 
 def call(channel: grpc.Channel, method: MethodDescriptor, messages: list[bytes]) -> tuple[Any, str]:
     """Send raw `messages` to `method`; (status code, details)."""
-    path = f"/{SERVICE}/{method.name}"
+    path = f"/{method.containing_service.full_name}/{method.name}"
     try:
         if not method.client_streaming:
             channel.unary_unary(path)(messages[0], timeout=30)
@@ -277,6 +303,12 @@ def fuzz_target() -> mux.Target:
 
 
 def valid_wrapper(method: MethodDescriptor) -> bytes:
+    """A valid request for `method`, the bytes garbage is made from."""
+    if method.containing_service.full_name != SERVICE:  # health, reflection
+        request = GetMessageClass(method.input_type)()
+        field = "service" if "service" in request.DESCRIPTOR.fields_by_name else "list_services"
+        setattr(request, field, SERVICE)
+        return bytes(request.SerializeToString())
     wrapper = GetMessageClass(method.input_type)(target=fuzz_target())
     fields = wrapper.DESCRIPTOR.fields_by_name
     if "arrow_ipc" in fields:
