@@ -1,7 +1,7 @@
 """The launch contract: the flags the manager sets, the command line, the environment.
 
 `MANAGED_FLAGS` is the one list of flags the manager owns. `build_command` writes each of
-them from the instance's row, and create validation (`managed_flag_in`) refuses any of
+them from the instance's row, and create validation (`refuse_managed_flags`) refuses any of
 them, in any spelling, in `extra_args`: a second copy would override the row (a `-p` the
 database does not know, an `--auto-truncate` the row says is off).
 
@@ -73,9 +73,9 @@ MANAGED_FLAGS: tuple[ManagedFlag, ...] = (
         "--auto-truncate", lambda i, b: True if i.auto_truncate else None, "the auto_truncate field"
     ),
     # Reserved: each instance's internal key is the manager's to set.
-    ManagedFlag("--api-key", lambda i, b: None, "the manager only"),
+    ManagedFlag("--api-key", lambda i, b: None, "reserved for the instance's internal key"),
     # Reserved: a pinned GPU is the only device CUDA_VISIBLE_DEVICES shows, device 0.
-    ManagedFlag("--device-id", lambda i, b: None, "the gpu_id field"),
+    ManagedFlag("--device-id", lambda i, b: None, "the gpu_id field: a pinned GPU is device 0"),
 )
 
 # Every flag of text-embeddings-router (`--help`); each is also read from the environment
@@ -198,7 +198,7 @@ def refuse_managed_flags(args: Iterable[str]) -> str | None:
         for flag in MANAGED_FLAGS:
             spelling = flag.spelling_in(arg)
             if spelling is not None:
-                return f"{spelling} is set by the manager, from {flag.source}"
+                return f"{spelling} is set by the manager ({flag.source})"
     return None
 
 

@@ -132,7 +132,7 @@ def test_a_row_with_a_managed_flag_fails_its_launch_naming_it(settings: Any) -> 
     supervisor.launch(row.pk)
     row.refresh_from_db()
     assert (row.status, row.pid) == (Status.FAILED, None)
-    assert row.last_error == "extra_args: -p is set by the manager, from the port field"
+    assert row.last_error == "extra_args: -p is set by the manager (the port field)"
 
 
 def test_the_environment_names_no_tei_flag_and_keeps_what_a_server_needs(
