@@ -32,7 +32,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 NODE = "grpc-fuzz-tests"  # no test worker serves it: nothing reconciles these rows
 SEED = 9
-CASES_PER_METHOD = 20
+CASES_PER_METHOD = 40
 # What garbage may be answered with: it was wrong (INVALID_ARGUMENT), it names nothing
 # known (NOT_FOUND), the model cannot do it (FAILED_PRECONDITION), it is too large
 # (RESOURCE_EXHAUSTED, OUT_OF_RANGE), or it happened to be a valid request (OK).
