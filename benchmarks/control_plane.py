@@ -51,7 +51,7 @@ django.setup()
 from django.core.management import call_command  # noqa: E402
 from django.test import Client  # noqa: E402
 
-from instances import process, supervisor  # noqa: E402
+from instances import launch, process, supervisor  # noqa: E402
 from instances.models import Instance, Status  # noqa: E402
 
 
@@ -106,7 +106,7 @@ def run() -> None:
 
 def localtei_start_time() -> float:
     port, prometheus_port = free_port(), free_port()
-    command = process.binary_command("") + [
+    command = launch.binary_command("") + [
         "--model-id", MODEL, "--port", str(port), "--prometheus-port", str(prometheus_port),
         "--json-output", "--auto-truncate",
     ]  # fmt: skip

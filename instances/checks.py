@@ -1,5 +1,6 @@
 """System checks: what is missing before anything starts (`manage.py check`, migrate,
-runmultiplexer, ...): E001 no instance server, E002 no broker, E003 unusable mTLS files."""
+runmultiplexer, ...): E001 no instance server, E002 no broker, E003 unusable mTLS files,
+E004 a bad `[[instances]]` seed."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
-from instances.process import is_executable
+from instances.launch import is_executable
+from teimanager.config import ConfigError
 
 
 @register()
@@ -140,3 +142,21 @@ def _mtls_error(message: str, hint: str = "") -> Error:
         "serve TLS without it.",
         id="instances.E003",
     )
+
+
+@register()
+def check_seeds(app_configs: Any, **kwargs: Any) -> list[Error]:
+    from instances.api.serializers import validate_seeds
+
+    try:
+        validate_seeds(settings.TEI.instances)
+    except ConfigError as exc:
+        return [
+            Error(
+                str(exc),
+                hint="Each [[instances]] table of the config file takes the create API's "
+                "fields (POST /instances), with the same rules.",
+                id="instances.E004",
+            )
+        ]
+    return []

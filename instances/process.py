@@ -1,8 +1,8 @@
-"""Instance processes on this host: build the command, spawn, check, stop, read the log.
+"""Instance processes on this host: spawn, check, stop, read the log.
 
-No shell anywhere: the command is a list. Each process runs in its own session (so a
-signal reaches its whole group and it outlives a dying worker), with stdout and stderr
-appended to `<log dir>/<name>.log`.
+No shell anywhere: the command is a list (instances/launch.py builds it and the
+environment). Each process runs in its own session (so a signal reaches its whole group
+and it outlives a dying worker), with stdout and stderr appended to `<log dir>/<name>.log`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -24,10 +23,10 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from instances.launch import BASE_DIR, build_command, build_env
+
 if TYPE_CHECKING:
     from instances.models import Instance
-
-BASE_DIR = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -36,51 +35,9 @@ class Spawned:
     create_time: float
 
 
-def is_executable(path: str) -> bool:
-    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
-
-
-def binary_command(tei_binary_path: str) -> list[str]:
-    """The router when TEI_BINARY_PATH points at an executable, localtei otherwise."""
-    if is_executable(tei_binary_path):
-        return [tei_binary_path]
-    return [sys.executable, "-m", "localtei"]
-
-
-def build_command(instance: Instance, tei_binary_path: str) -> list[str]:
-    command = binary_command(tei_binary_path) + [
-        "--model-id",
-        instance.model_id,
-        "--port",
-        str(instance.port),
-        "--max-batch-tokens",
-        str(instance.max_batch_tokens),
-        "--max-concurrent-requests",
-        str(instance.max_concurrent_requests),
-        "--json-output",
-        "--prometheus-port",
-        str(instance.prometheus_port),
-    ]
-    if instance.pooling:
-        command += ["--pooling", instance.pooling]
-    if instance.auto_truncate:
-        command.append("--auto-truncate")
-    return command + [str(arg) for arg in instance.extra_args]
-
-
-def build_env(instance: Instance) -> dict[str, str]:
-    env = dict(os.environ)
-    if instance.gpu_id is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(instance.gpu_id)
-    # localtei is a package of this checkout: make it importable from any working directory.
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(BASE_DIR), str(BASE_DIR / "proto"), env.get("PYTHONPATH", "")) if p
-    )
-    return env
-
-
 def spawn(instance: Instance, tei_binary_path: str, log_dir: Path) -> Spawned:
-    """Start the instance's process; raises OSError when the binary cannot be executed."""
+    """Start the instance's process; raises OSError when the binary cannot be executed,
+    LaunchContractError when the row cannot be launched as it stands."""
     command = build_command(instance, tei_binary_path)
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_path(log_dir, instance.name), "ab", buffering=0) as log:
@@ -196,7 +153,12 @@ def health_check(address: str, timeout: float) -> bool:
 
 
 def port_is_free(port: int) -> bool:
-    """True when nothing on this host listens on `port` (TEI binds all interfaces)."""
+    """True when nothing on this host listens on `port`, on any address.
+
+    An instance binds one address (TEI_MANAGER_INSTANCE_BIND), but a listener on any
+    other address of the host, or on the wildcard, may hold the same port: binding the
+    wildcard addresses fails for every one of them, so none is handed out twice.
+    """
     for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)

@@ -14,6 +14,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from instances import process
+from instances.launch import LaunchContractError, binary_command
 from instances.models import DesiredState, Heartbeat, Instance, OrphanProcess, Status
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,11 @@ def launch(pk: int) -> None:
     process.terminate(old_pid, old_create_time, _grace())
     try:
         spawned = process.spawn(instance, settings.TEI.tei_binary_path, settings.LOG_DIR)
+    except LaunchContractError as exc:
+        instance.transition([Status.STARTING], Status.FAILED, pid=None, last_error=str(exc))
+        return
     except OSError as exc:
-        command = process.binary_command(settings.TEI.tei_binary_path)[0]
+        command = binary_command(settings.TEI.tei_binary_path)[0]
         instance.transition(
             [Status.STARTING],
             Status.FAILED,

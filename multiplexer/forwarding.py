@@ -36,6 +36,11 @@ from multiplexer.routing import Route, Router, RoutingError
 from multiplexer.wire import Target, WireError, split_wrapper
 
 SERVICE_NAME = "tei_multiplexer.v1.TeiMultiplexer"
+# The largest message an instance takes: TEI's gRPC server keeps tonic's default of 4 MiB
+# (its --payload-limit is for the HTTP build only), and localtei takes as much. A larger
+# request is refused here, naming the limit, instead of reaching the instance to be
+# refused there with a transport error.
+INSTANCE_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 ARROW_METHODS = ("EmbedArrow", "EmbedSparseArrow")
 _HOP_BY_HOP = frozenset({"user-agent", "content-type", "te", "host", "authority"})
 
@@ -111,6 +116,7 @@ class Forwarder:
             instance, failure, response = UNROUTED, None, b""
             try:
                 target, inner = split_wrapper(request)
+                check_size(inner)
                 route = self.router.pick(target)
                 instance = route.name
                 try:
@@ -141,6 +147,7 @@ class Forwarder:
                         grpc.StatusCode.INVALID_ARGUMENT, "the stream carried no request: no target"
                     )
                 target, inner = split_wrapper(first)
+                check_size(inner)
                 route = self.router.pick(target)
                 instance = route.name
                 stream = InnerStream(inner, incoming, answer_per_request=False)
@@ -174,6 +181,7 @@ class Forwarder:
                 first = await anext(incoming, None)
                 if first is not None:
                     target, inner = split_wrapper(first)
+                    check_size(inner)
                     route = self.router.pick(target)
                     instance = route.name
                     stream = InnerStream(inner, incoming, answer_per_request=True)
@@ -220,7 +228,7 @@ class Forwarder:
                 if message.noop:
                     payload = kind.noop(len(texts))
                 else:
-                    rows = [kind.row(text, message) for text in texts]
+                    rows = [check_size(kind.row(text, message)) for text in texts]
                     deadline = self._deadline(context)
                     replies = await self._embed_rows(
                         route, kind.upstream_path, rows, deadline, _metadata(context)
@@ -313,10 +321,20 @@ class _TooLarge(Exception):
     pass
 
 
+def check_size(inner: bytes) -> bytes:
+    """`inner`, unless it is larger than an instance takes (RESOURCE_EXHAUSTED)."""
+    if len(inner) > INSTANCE_MAX_MESSAGE_BYTES:
+        raise _TooLarge(
+            f"the request of {len(inner)} bytes is larger than the {INSTANCE_MAX_MESSAGE_BYTES} "
+            "bytes (4 MiB) an instance takes in one message: send less per call"
+        )
+    return inner
+
+
 class InnerStream:
     """A client's stream as the instance gets it: the inner request of each wrapper (a
-    malformed one ends it and is kept in `bad`, raised once the call is over), and how
-    many answers the instance owes for it, silent since when."""
+    malformed or oversized one ends it and is kept in `bad`, raised once the call is
+    over), and how many answers the instance owes for it, silent since when."""
 
     __slots__ = ("answer_per_request", "bad", "first", "incoming", "owed", "since")
 
@@ -326,7 +344,7 @@ class InnerStream:
         self.first, self.incoming = first, incoming
         # Bidirectional: one answer per request. Client stream: one, once the client is done.
         self.answer_per_request = answer_per_request
-        self.bad: WireError | None = None
+        self.bad: WireError | _TooLarge | None = None
         self.owed = 0
         self.since = time.monotonic()
 
@@ -336,8 +354,8 @@ class InnerStream:
             yield self.first
             async for message in self.incoming:
                 try:
-                    inner = split_wrapper(message)[1]
-                except WireError as exc:
+                    inner = check_size(split_wrapper(message)[1])
+                except (WireError, _TooLarge) as exc:
                     self.bad = exc
                     return
                 self._sent()

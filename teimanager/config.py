@@ -9,6 +9,7 @@ it came from); `load_config_or_exit()` turns that into one line on stderr and ex
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import sys
@@ -44,6 +45,14 @@ def _at_least_one(label: str, value: Any) -> None:
 def _above_zero(label: str, value: Any) -> None:
     if value <= 0:
         raise ConfigError(f"{label} must be above 0, got {value!r}")
+
+
+def _ip_address(label: str, value: Any) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        # TEI binds every interface when --hostname is not an IP address.
+        raise ConfigError(f"{label} must be an IP address, got {value!r}") from None
 
 
 def _log_level(label: str, value: Any) -> None:
@@ -108,6 +117,9 @@ class Config:
     state_file: str = setting("var/state.sqlite3", "TEI_MANAGER_STATE_FILE")
     log_dir: str = setting("var/logs", "TEI_MANAGER_LOG_DIR")
     tei_binary_path: str = setting("", "TEI_BINARY_PATH")
+    # The address instances listen on (`--hostname`); the multiplexer dials
+    # TEI_MANAGER_INSTANCE_HOST, which may differ (a container's name, another host's).
+    instance_bind: str = setting("127.0.0.1", "TEI_MANAGER_INSTANCE_BIND", check=_ip_address)
     # -- in the TOML file only ---------------------------------------------------------
     startup_timeout_secs: int = setting(300)
     max_failures_before_restart: int = setting(3)
@@ -129,7 +141,6 @@ class Config:
     )
     node: str = setting("", "TEI_MANAGER_NODE", file=False)  # "": the hostname
     instance_host: str = setting("127.0.0.1", "TEI_MANAGER_INSTANCE_HOST", file=False)
-    instance_bind: str = setting("127.0.0.1", "TEI_MANAGER_INSTANCE_BIND", file=False)
     stop_instances_on_exit: bool = setting(True, "TEI_MANAGER_STOP_INSTANCES_ON_EXIT", file=False)
     web_workers: int = setting(2, "TEI_MANAGER_WEB_WORKERS", file=False, check=_at_least_one)
     static_root: str = setting("", "TEI_MANAGER_STATIC_ROOT", file=False)
@@ -156,18 +167,6 @@ class Config:
 # The variable that names the TOML file (`--config FILE` on manage.py sets it).
 CONFIG_FILE_ENV = "TEI_MANAGER_CONFIG"
 _TABLES = ("mtls", "instances")
-_INSTANCE_KEYS = {
-    "name",
-    "model_id",
-    "port",
-    "gpu_id",
-    "max_batch_tokens",
-    "max_concurrent_requests",
-    "pooling",
-    "prometheus_port",
-    "startup_timeout_secs",
-    "extra_args",
-}
 
 
 @dataclass(frozen=True)
@@ -317,17 +316,13 @@ def _build_mtls(auth: Any) -> MtlsConfig:
 
 
 def _build_seeds(seeds: Any) -> tuple[dict[str, Any], ...]:
+    """The `[[instances]]` tables as they are: their fields are the create API's, checked
+    by its serializer (system check instances.E004, and `manage.py seed_instances`)."""
     if not isinstance(seeds, list):
         raise ConfigError("config key 'instances' must be an array of tables ([[instances]])")
     for index, seed in enumerate(seeds):
         if not isinstance(seed, dict):
             raise ConfigError(f"config key 'instances[{index}]' must be a table")
-        unknown = set(seed) - _INSTANCE_KEYS
-        if unknown:
-            raise ConfigError(f"unknown config key 'instances[{index}].{sorted(unknown)[0]}'")
-        for required in ("name", "model_id"):
-            if not seed.get(required):
-                raise ConfigError(f"config key 'instances[{index}].{required}' is required")
     return tuple(seeds)
 
 

@@ -1,5 +1,5 @@
 """System checks: instances.E001 (no instance server), E002 (no broker), E003 (unusable
-mTLS files, W002 an expired server certificate)."""
+mTLS files, W002 an expired server certificate), E004 (a bad seed)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from instances.checks import check_broker, check_instance_binary, check_mtls_files
+from instances.checks import check_broker, check_instance_binary, check_mtls_files, check_seeds
 from teimanager.config import MtlsConfig
 from tests.conftest import ROOT, TEST_ENV
 from tests.localtei_fixtures import free_port
@@ -167,3 +167,15 @@ def test_runmultiplexer_refuses_unusable_mtls_files_without_a_traceback(
     assert "instances.E003" in result.stderr and "server_key" in result.stderr
     assert "Traceback" not in result.stderr
     assert "is now running" not in result.stdout
+
+
+def test_it_reports_e004_for_a_seed_the_create_api_would_refuse(settings: Any) -> None:
+    good = {"name": "a", "model_id": "m", "auto_truncate": False}
+    settings.TEI = dataclasses.replace(settings.TEI, instances=(good,))
+    assert check_seeds(None) == []
+    bad = {"name": "b", "model_id": "m", "extra_args": ["--port=1"]}
+    settings.TEI = dataclasses.replace(settings.TEI, instances=(good, bad))
+    [error] = check_seeds(None)
+    assert error.id == "instances.E004"
+    expected = "config key 'instances[1].extra_args': --port is set by the manager"
+    assert error.msg.startswith(expected)

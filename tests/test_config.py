@@ -78,8 +78,10 @@ def test_it_lets_the_file_beat_defaults_and_the_environment_beat_the_file(tmp_pa
         ("auto_restore_on_restart = 3", {}, "auto_restore_on_restart"),
         ("instance_port_start = 9000\ninstance_port_end = 8000", {}, "instance_port_start"),
         ("no_such_key = 1", {}, "no_such_key"),
-        ('[[instances]]\nname = "a"', {}, "instances[0].model_id"),
-        ('[[instances]]\nname = "a"\nmodel_id = "m"\ncolour = "red"', {}, "instances[0].colour"),
+        ("instances = 3", {}, "instances"),
+        ("instances = [3]", {}, "instances[0]"),
+        ("", {"TEI_MANAGER_INSTANCE_BIND": "localhost"}, "instance_bind"),
+        ("instance_bind = '0.0.0.0:80'", {}, "instance_bind"),
         ("[auth.mtls]\nca_cert = 'x'", {}, "auth.mtls"),
         ("api_port = ", {}, "not valid TOML"),
         (
@@ -103,6 +105,34 @@ def test_it_names_the_key_of_a_bad_value(
 ) -> None:
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_config(write(tmp_path, text), env=env)
+
+
+def test_it_binds_instances_to_loopback_unless_told(tmp_path: Path) -> None:
+    assert load_config(env={}).instance_bind == "127.0.0.1"
+    path = write(tmp_path, "instance_bind = '10.0.0.5'\n")
+    assert load_config(path, env={}).instance_bind == "10.0.0.5"
+    env = {"TEI_MANAGER_INSTANCE_BIND": "::1"}
+    assert load_config(path, env=env).instance_bind == "::1"
+
+
+def test_it_stops_start_up_on_a_bad_seed_naming_its_key(tmp_path: Path) -> None:
+    # A seed takes the create API's fields, checked by its serializer (instances.E004).
+    path = write(
+        tmp_path, '[[instances]]\nname = "a"\nmodel_id = "m"\nauto_truncate = "sometimes"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEI_")}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "--config", path, "check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "instances.E004" in result.stderr
+    assert "config key 'instances[0].auto_truncate'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_it_refuses_a_missing_or_unreadable_config_file(tmp_path: Path) -> None:
@@ -204,7 +234,10 @@ def test_only_the_config_module_reads_the_environment() -> None:
         "teimanager/celery.py": ("setdefault",),
         "teimanager/wsgi.py": ("setdefault",),
         "teimanager/probe.py": ("setdefault",),
-        "instances/process.py": ("env = dict(os.environ)",),
+        "instances/launch.py": (
+            "os.environ.items() if passes(name)",
+            'os.environ.get("PYTHONPATH")',
+        ),
     }
     offenders = []
     files = [ROOT / "manage.py"]
