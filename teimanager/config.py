@@ -49,6 +49,9 @@ class Config:
     grpc_request_timeout_secs: float = 30.0
     state_file: str = "var/state.sqlite3"
     log_dir: str = "var/logs"
+    # An instance's log is rotated past this size, keeping this many backups (0: never).
+    instance_log_max_bytes: int = 10 * 1024 * 1024
+    instance_log_backups: int = 5
     mtls: MtlsConfig = field(default_factory=MtlsConfig)
     instances: tuple[dict[str, Any], ...] = ()
 

@@ -3,14 +3,17 @@ no 500 and no "database is locked"."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psutil
 import pytest
 
 from instances.models import Instance
@@ -93,3 +96,64 @@ def test_a_transition_that_forgets_the_pid_forgets_its_start_time_too() -> None:
     stored = Instance.objects.get(pk=row.pk)
     assert (stored.status, stored.pid, stored.process_started_at) == (Status.FAILED, None, None)
     assert row.process_started_at is None
+
+
+def test_racing_restarts_leave_exactly_one_tracked_process(
+    live_server: Any, manager_worker: Any
+) -> None:
+    from instances import services
+    from instances.models import Status
+    from tests.conftest import wait_for_status, wait_until
+
+    services.create_instance(name="restarted", model_id="sentence-transformers/all-MiniLM-L6-v2")
+    port = wait_for_status("restarted", Status.RUNNING).port
+
+    def restart(barrier: threading.Barrier) -> int:
+        barrier.wait()
+        return post(f"{live_server.url}/instances/restarted/restart")[0]
+
+    for _ in range(3):
+        barrier = threading.Barrier(4)
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(restart, [barrier] * 4)) == [200] * 4
+        time.sleep(0.3)
+
+    def settled() -> Instance | None:
+        row = Instance.objects.get(name="restarted")
+        live = instance_processes(port)
+        if row.status == Status.RUNNING and live == {row.pid}:
+            return row
+        assert row.status != Status.FAILED, row.last_error
+        return None
+
+    row = wait_until(settled, 120, "one running process, the tracked one")
+    assert listener(port) == row.pid
+    # It stays that way: no second process fighting for the port, no crash loop.
+    ticks = Instance.objects.get(name="restarted").last_health_check
+    wait_until(
+        lambda: Instance.objects.get(name="restarted").last_health_check > ticks, 10, "a tick"
+    )
+    time.sleep(2)
+    final = Instance.objects.get(name="restarted")
+    assert (final.status, final.pid) == (Status.RUNNING, row.pid)
+    assert instance_processes(port) == {row.pid} and listener(port) == row.pid
+
+
+def instance_processes(port: int) -> set[int]:
+    """Live localtei processes serving `port` on this host."""
+    found = set()
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or cmdline[1:3] != ["-m", "localtei"]:
+            continue
+        if any(pair == ("--port", str(port)) for pair in itertools.pairwise(cmdline)):
+            found.add(proc.pid)
+    return found
+
+
+def listener(port: int) -> int | None:
+    """The pid listening on `port`, if any."""
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            return conn.pid
+    return None
