@@ -207,8 +207,7 @@ def reconcile_instance(instance: Instance, alive: bool, healthy: bool) -> list[W
 def restore_node(node: str) -> list[int]:
     """After the manager (re)starts: adopt live processes, restore or park dead ones.
 
-    Returns the pks to launch. Runs in the worker's main process, so it never spawns; the
-    processes that launches cut short may have left are recorded as orphans.
+    Returns the pks to launch. Runs in the worker's main process, so it never spawns.
     """
     to_launch = []
     on_node = Instance.objects.filter(node=node, status__in=[*Status.active(), Status.STOPPING])
@@ -216,16 +215,21 @@ def restore_node(node: str) -> list[int]:
         if process.is_alive(instance.pid, instance.process_started_at):
             log.info("instance %s: adopted live pid %s", instance.name, instance.pid)
             continue
+        # A launch cut short may have spawned a process and not saved its pid.
+        strays = []
         if instance.status == Status.STARTING and instance.pid is None:
-            _record_strays(instance)
+            strays = process.find_launched(instance, settings.TEI.tei_binary_path)
         if instance.desired_state == DesiredState.STOPPED:
             instance.transition([instance.status], Status.STOPPED, pid=None)
         elif settings.TEI.auto_restore_on_restart:
+            # The launch stops the process left behind before it starts a new one.
+            left_pid, left_started_at = strays.pop(0) if strays else (None, None)
             ran = instance.pid is not None
             if instance.transition(
                 [instance.status],
                 Status.PENDING,
-                pid=None,
+                pid=left_pid,
+                process_started_at=left_started_at,
                 next_restart_at=None,
                 restarts=F("restarts") + int(ran),
             ):
@@ -238,6 +242,8 @@ def restore_node(node: str) -> list[int]:
                 desired_state=DesiredState.STOPPED,
                 last_error="process gone after a manager restart (auto_restore_on_restart is off)",
             )
+        for pid, started_at in strays:  # stopped by the kills tasks.py enqueues at start-up
+            _record_orphan(instance, pid, started_at)
     return to_launch
 
 
@@ -318,16 +324,32 @@ def _converge_starting(instance: Instance, alive: bool, healthy: bool) -> list[W
 
 def _relaunch_lost(instance: Instance, waited: float) -> list[Work]:
     """A launch that died between its claim and its pid: launch again, counted as a restart
-    so that the operator sees it, and stop whatever it may have spawned."""
-    reason = (
-        f"launch lost: no process {waited:.0f} s after the launch began (its worker died?); "
-        "launching again"
+    so that the operator sees it. A process it spawned goes into the row, for the launch to
+    retire first (found before the compare-and-set: a launch that saves its pid meanwhile
+    makes it fail; one that saves after finds the claim gone and kills its process)."""
+    strays = process.find_launched(instance, settings.TEI.tei_binary_path)
+    pid, started_at = strays[0] if strays else (None, None)
+    reason = f"launch lost: no pid saved {waited:.0f} s after the launch began (its worker died?)"
+    reason += (
+        f"; stopping the process it left ({pid}) and launching again"
+        if pid
+        else ("; launching again")
     )
-    with transaction.atomic():
-        work = _restart(instance, reason, delay=0, failed_starts=instance.failed_starts)
-        if work:
-            work += [Work(KILL_ORPHAN, orphan.pk) for orphan in _record_strays(instance)]
-    return work
+    if not instance.transition(
+        [Status.STARTING],
+        Status.PENDING,
+        same_process=True,
+        pid=pid,
+        process_started_at=started_at,
+        restarts=F("restarts") + 1,
+        health_check_failures=0,
+        next_restart_at=None,
+        last_error=reason,
+    ):
+        return []
+    log.warning("instance %s: %s", instance.name, reason)
+    orphans = [_record_orphan(instance, pid, started_at) for pid, started_at in strays[1:]]
+    return [Work(LAUNCH, instance.pk)] + [Work(KILL_ORPHAN, orphan.pk) for orphan in orphans]
 
 
 def _converge_running(instance: Instance, alive: bool, healthy: bool) -> list[Work]:
@@ -388,12 +410,6 @@ def _record_orphan(instance: Instance, pid: int | None, started_at: float | None
     return OrphanProcess.objects.create(
         node=instance.node, name=instance.name, pid=pid, process_started_at=started_at
     )
-
-
-def _record_strays(instance: Instance) -> list[OrphanProcess]:
-    """Record the processes a lost launch spawned (they run the instance's command)."""
-    strays = process.find_launched(instance, settings.TEI.tei_binary_path)
-    return [_record_orphan(instance, pid, started_at) for pid, started_at in strays]
 
 
 def _check_health(instances: list[Instance]) -> dict[int, bool]:

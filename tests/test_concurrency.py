@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 import threading
 import time
 import urllib.error
@@ -157,3 +158,81 @@ def listener(port: int) -> int | None:
         if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
             return conn.pid
     return None
+
+
+def test_a_restart_counts_only_a_process_that_ran(nowhere: None, settings: Any) -> None:
+    from instances import services
+    from instances.models import Status
+
+    rows = {
+        "fresh": {"status": Status.PENDING},  # just created: never ran
+        "spawning": {"status": Status.STARTING},  # claimed, no process yet
+        "loading": {"status": Status.STARTING, "pid": 4242},
+        "serving": {"status": Status.RUNNING, "pid": 4243},
+        "parked": {"status": Status.STOPPED},
+    }
+    for offset, (name, fields) in enumerate(rows.items()):
+        Instance.objects.create(
+            name=name, model_id="m", port=45200 + offset, prometheus_port=45300 + offset,
+            node=settings.NODE_NAME, **fields,
+        )  # fmt: skip
+    for name in rows:
+        services.restart_instance(name)
+    counted = dict(Instance.objects.values_list("name", "restarts"))
+    assert counted == {"fresh": 0, "spawning": 0, "loading": 1, "serving": 1, "parked": 0}
+    assert set(Instance.objects.values_list("status", flat=True)) == {Status.PENDING}
+
+
+def test_a_delete_records_the_pid_a_launch_saved_just_before(
+    nowhere: None, settings: Any, monkeypatch: Any
+) -> None:
+    from instances import process, services, supervisor
+    from instances.models import OrphanProcess, Status
+
+    Instance.objects.create(
+        name="doomed", model_id="m", port=45400, prometheus_port=45401,
+        node=settings.NODE_NAME, status=Status.STARTING,
+    )  # fmt: skip
+    read_before_the_save = Instance.objects.get(name="doomed")
+    sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    started = psutil.Process(sleeper.pid).create_time()
+    Instance.objects.filter(name="doomed").update(pid=sleeper.pid, process_started_at=started)
+    # The delete looked the row up before that save landed.
+    monkeypatch.setattr(services, "get_instance", lambda name: read_before_the_save)
+    try:
+        services.delete_instance("doomed")
+        [orphan] = OrphanProcess.objects.all()
+        assert (orphan.pid, orphan.process_started_at) == (sleeper.pid, started)
+        supervisor.kill_orphan(orphan.pk)
+        assert not OrphanProcess.objects.exists() and not process.is_alive(sleeper.pid, started)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_launch_whose_row_was_deleted_meanwhile_kills_its_process(
+    nowhere: None, settings: Any, monkeypatch: Any
+) -> None:
+    import dataclasses
+
+    from instances import process, services, supervisor
+    from instances.models import OrphanProcess
+    from tests.conftest import FAKE_TEI
+
+    settings.TEI = dataclasses.replace(settings.TEI, tei_binary_path=str(FAKE_TEI))
+    row = Instance.objects.create(
+        name="vanishing", model_id="fake/m", port=45500, prometheus_port=45501,
+        node=settings.NODE_NAME,
+    )  # fmt: skip
+    spawn, spawned = process.spawn, []
+
+    def spawn_then_delete(*args: Any, **kwargs: Any) -> process.Spawned:
+        spawned.append(spawn(*args, **kwargs))
+        services.delete_instance("vanishing")  # the row had no pid yet: no orphan recorded
+        return spawned[0]
+
+    monkeypatch.setattr(process, "spawn", spawn_then_delete)
+    supervisor.launch(row.pk)
+    process.reap_children()
+    assert not process.is_alive(spawned[0].pid, spawned[0].create_time)
+    assert not Instance.objects.exists() and not OrphanProcess.objects.exists()
