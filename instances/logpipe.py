@@ -10,9 +10,9 @@ ignores SIGTERM, SIGINT and SIGHUP (a stop signals the instance's group, and the
 lines must still reach the file), and exits once the instance is gone and the pipe is
 drained. The instance outlives a dying worker, and so does this.
 
-On FD it writes `pid <pid>` of the instance, and `error <errno> <file> <message>` when
-COMMAND cannot be executed; FD closes when COMMAND runs. Standard library only: it must
-start fast and never import Django.
+On FD it writes `pid<TAB><pid>` of the instance, and `error<TAB><errno><TAB><file><TAB>
+<message>` when COMMAND (or LOG) cannot be used; FD closes when COMMAND runs.
+Standard library only: it must start fast and never import Django.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         log = RotatingLog(args.log, args.max_bytes, args.backups)
     except OSError as exc:
-        _report(args.status_fd, f"error {exc.errno or 0} {args.log} {exc.strerror or exc}")
+        _report(args.status_fd, f"error\t{exc.errno or 0}\t{args.log}\t{exc.strerror or exc}")
         return 1
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -51,7 +51,7 @@ def main(argv: Sequence[str]) -> int:
     os.close(write_end)
     with contextlib.suppress(OSError):
         os.setpgid(child, child)  # also done by the child: whichever runs first
-    _report(args.status_fd, f"pid {child}")
+    _report(args.status_fd, f"pid\t{child}")
     if args.status_fd is not None:
         os.close(args.status_fd)
     status = pump(read_end, log, child)
@@ -190,8 +190,7 @@ def _exec(
             os.set_inheritable(status_fd, False)  # closes when the command runs
         os.execvp(command[0], command)
     except OSError as exc:
-        message = f"error {exc.errno or 0} {command[0]} {exc.strerror or exc}"
-        _report(status_fd, message)
+        _report(status_fd, f"error\t{exc.errno or 0}\t{command[0]}\t{exc.strerror or exc}")
         with contextlib.suppress(OSError):
             os.write(2, f"cannot run {command[0]}: {exc}\n".encode())
     finally:

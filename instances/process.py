@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from instances.models import Instance
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-LOGPIPE = [sys.executable, "-m", "instances.logpipe"]
+LOGPIPE_MODULE = "instances.logpipe"
 # How long the log pipe may take to start the instance (a Python start-up, on a busy host).
 SPAWN_TIMEOUT_SECS = 30.0
 
@@ -100,7 +100,7 @@ def spawn(
     status_read, status_write = os.pipe()
     try:
         pipe = subprocess.Popen(
-            LOGPIPE
+            [sys.executable, "-m", LOGPIPE_MODULE]
             + ["--max-bytes", str(log_max_bytes), "--backups", str(log_backups)]
             + ["--status-fd", str(status_write), str(log_path(log_dir, instance.name))]
             + ["--", *command],
@@ -140,13 +140,12 @@ def _read_launch_status(status: int, pipe_pid: int) -> int:
         report += chunk
     pid = None
     for line in report.decode(errors="replace").splitlines():
-        kind, _, rest = line.partition(" ")
-        if kind == "error":
-            number, _, rest = rest.partition(" ")
-            filename, _, message = rest.partition(" ")
+        kind, *fields = line.split("\t")
+        if kind == "error" and len(fields) == 3:
+            number, filename, message = fields
             raise OSError(int(number) if number.isdigit() else 0, message, filename)
-        if kind == "pid" and rest.isdigit():
-            pid = int(rest)
+        if kind == "pid" and len(fields) == 1 and fields[0].isdigit():
+            pid = int(fields[0])
     if pid is None:
         _signal_group(pipe_pid, signal.SIGKILL)
         raise OSError("the log pipe ended or hung before it started the instance")
@@ -171,7 +170,7 @@ def find_launched(instance: Instance, tei_binary_path: str) -> list[tuple[int, f
         cmdline = proc.info["cmdline"] or []
         if (
             cmdline[-len(command) :] == command
-            and cmdline[: len(LOGPIPE)] != LOGPIPE
+            and cmdline[1:3] != ["-m", LOGPIPE_MODULE]
             and proc.info["status"] != psutil.STATUS_ZOMBIE
         ):
             found.append((proc.pid, proc.info["create_time"]))

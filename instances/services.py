@@ -11,7 +11,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Case, F, When
+from django.db.models import Case, F, Q, When
 
 from instances import logs, process, tasks
 from instances.errors import (
@@ -83,8 +83,8 @@ def restart_instance(name: str) -> Instance:
     with transaction.atomic():
         # Decided by the row as the update finds it: a pending row, or a launch that has no
         # pid yet, ran nothing (and a pending row with a pid already counted its restart).
-        ran = When(pid__isnull=False, status__in=[Status.STARTING, Status.RUNNING], then=1)
-        restarts = F("restarts") + Case(ran, default=0)
+        ran = Q(status=Status.RUNNING) | Q(status=Status.STARTING, pid__isnull=False)
+        restarts = F("restarts") + Case(When(ran, then=1), default=0)
         if instance.transition(Status.active(), Status.PENDING, restarts=restarts, **_FRESH):
             instance.refresh_from_db()
             _enqueue_on_commit(tasks.launch_instance, instance)
