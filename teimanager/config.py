@@ -133,6 +133,9 @@ class Config:
     grpc_max_message_size_mb: int = setting(64)
     grpc_max_parallel_streams: int = setting(1024)
     grpc_request_timeout_secs: float = setting(30.0, check=_above_zero)
+    # An instance's log is rotated past this size, keeping this many backups (0: never).
+    instance_log_max_bytes: int = setting(10 * 1024 * 1024)
+    instance_log_backups: int = setting(5)
     # -- in the environment only -------------------------------------------------------
     bind: str = setting("127.0.0.1", "TEI_MANAGER_BIND", file=False)
     grpc_host: str = setting("", "TEI_MANAGER_GRPC_HOST", file=False)  # "": bind

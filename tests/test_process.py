@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from instances import process
+from instances import logs, process
 from instances.models import Instance
 
 
@@ -59,5 +59,5 @@ def test_it_passes_arguments_verbatim_and_stops_the_whole_group(tmp_path: Path) 
 
 def test_it_tails_the_log(tmp_path: Path) -> None:
     (tmp_path / "t.log").write_text("".join(f"{i}\n" for i in range(100)))
-    assert process.tail(tmp_path / "t.log", 3) == ["97", "98", "99"]
-    assert process.tail(tmp_path / "missing.log", 3) == []
+    assert logs.tail(tmp_path, "t", 3) == ["97", "98", "99"]
+    assert logs.tail(tmp_path, "missing", 3) == []
