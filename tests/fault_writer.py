@@ -1,19 +1,22 @@
-"""One of the concurrent SQLite writers of the fault suite (tests/fault_scenarios.py): the
-lifecycle service, called from a process of its own with its own connection, on a node no
-worker serves (so nothing but the writers changes the rows).
+"""The concurrent SQLite writers of the fault suite (tests/fault_scenarios.py): the
+lifecycle service, called from WRITERS threads at once, each with its own database
+connection, on a node no worker serves (so nothing but the writers changes the rows).
 
-    python -m tests.fault_writer setup           # the two rows every writer contends for
-    python -m tests.fault_writer write INDEX     # prints "ready", waits for a line, writes
+    python -m tests.fault_writer WRITERS
 
-`write` prints one JSON line: {"index", "outcomes": [[operation, name, outcome], ...]},
-an outcome being "ok", an error code the API would answer (INSTANCE_EXISTS, ...), or
-"unexpected <type>: <message>" for anything else ("database is locked" would be one).
+It first creates the two rows every writer contends for, then starts the writers together
+and prints one JSON line: {"seconds": how long they took together, "writers": per writer,
+a list of [operation, name, outcome, seconds]}, an outcome being "ok", an error code the
+API would answer (ALREADY_RUNNING, ...), or "unexpected <type>: <message>" for anything
+else ("database is locked" would be one).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,20 +26,28 @@ DEAD_PID = 2**22 + 7  # above Linux's pid_max: no live process has it
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not argv[0].isdigit():
+        sys.stderr.write(__doc__ or "")
+        return 2
     import django
 
     django.setup()
-    if argv == ["setup"]:
-        setup()
-        return 0
-    if len(argv) == 2 and argv[0] == "write":
-        print("ready", flush=True)
-        sys.stdin.readline()
-        outcomes = write(int(argv[1]))
-        print(json.dumps({"index": int(argv[1]), "outcomes": outcomes}), flush=True)
-        return 0
-    sys.stderr.write(__doc__ or "")
-    return 2
+    setup()
+    writers = int(argv[0])
+    results: list[list[list[Any]]] = [[] for _ in range(writers)]
+    together = threading.Barrier(writers)
+    threads = [
+        threading.Thread(target=_writer, args=(index, together, results[index]))
+        for index in range(writers)
+    ]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    took = time.perf_counter() - began
+    print(json.dumps({"seconds": took, "writers": results}), flush=True)
+    return 0
 
 
 def setup() -> None:
@@ -54,13 +65,16 @@ def setup() -> None:
     )
 
 
-def write(index: int) -> list[list[str]]:
+def write(index: int) -> list[list[Any]]:
+    """Writer `index`'s calls, in order, with their outcomes."""
     from instances import services
 
-    outcomes: list[list[str]] = []
+    outcomes: list[list[Any]] = []
 
     def call(operation: str, name: str, action: Callable[..., Any], **fields: Any) -> None:
-        outcomes.append([operation, name, _outcome(lambda: action(name, **fields))])
+        began = time.perf_counter()
+        outcome = _outcome(lambda: action(name, **fields))
+        outcomes.append([operation, name, outcome, round(time.perf_counter() - began, 4)])
 
     def create(name: str, **fields: Any) -> Any:
         return services.create_instance(name=name, **fields)
@@ -73,6 +87,16 @@ def write(index: int) -> list[list[str]]:
         call("stop", f"w{index}-{round_}", services.stop_instance)
     call("delete", f"w{index}-0", services.delete_instance)
     return outcomes
+
+
+def _writer(index: int, together: threading.Barrier, outcomes: list[list[Any]]) -> None:
+    from django.db import connection
+
+    try:
+        together.wait()
+        outcomes.extend(write(index))
+    finally:
+        connection.close()  # this thread's own
 
 
 def _outcome(action: Callable[[], Any]) -> str:
