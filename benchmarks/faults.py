@@ -79,7 +79,7 @@ def render(recoveries: list[Recovery]) -> str:
             "itself) or from the supervisor's restart (the other parts) until /health is 200 "
             "and the instance runs as its one tracked process and answers through the "
             "multiplexer. A recovery that relaunches the instance includes localtei loading "
-            "its model.",
+            "its model. For the SQLite writers: how long their calls took together.",
             "- *localtei processes after*: live localtei processes of the stack once "
             "recovered (each scenario checks it is the one the row tracks, listening on its "
             "port, with its one log pipe and no orphan left).",

@@ -111,6 +111,7 @@ def kill_pool_process_mid_launch(stack: Stack, attempts: int = 5) -> Recovery:
     after = whole(stack)
     recover = time.monotonic() - killed_at
     assert health[0] == 200, f"a lost launch is the instance's, not the stack's: {health}"
+    assert f"stopping the process it left ({stray})" in seen["last_error"], seen
     assert stray is not None and stray not in stack.census().pids, "the stray lives on"
     assert after["pid"] != stray and after["pid"] != before["pid"]
     # The restart asked for counts, and so does the launch the tick made again.
@@ -257,8 +258,8 @@ def kill_web(stack: Stack) -> Recovery:
     assert _state(stack) == state
     return Recovery(
         "gunicorn killed",
-        "API connections refused (its workers exit within a second); data plane kept "
-        "serving; the restarted gunicorn serves the same instances",
+        f"API connections refused {detect:.1f} s after (once its workers saw their master "
+        "gone); data plane kept serving; the restarted gunicorn serves the same instances",
         detect,
         recover,
         len(stack.census().pids),
@@ -286,18 +287,27 @@ def stop_redis(stack: Stack) -> Recovery:
     assert (row["status"], row["desired_state"]) == ("pending", "running"), row
     assert stack.census().localtei == {before["port"]: {before["pid"]}}
     restarted = time.monotonic()
+    back = time.time()
     stack.redis.start()
     # Celery's worker can end on an "Unrecoverable error" when its broker connection
-    # breaks (celery/kombu): its instances served on (checked above), and its supervisor
-    # starts it again.
-    revived = supervise(stack)
-    back = time.time()
-    wait_until(lambda: _beat_since(stack, "reconcile", back), 120, "a tick once Redis is back")
+    # breaks or comes back (celery/kombu): its instances serve on (checked above for a
+    # break), and its supervisor starts it again.
+    revived: list[str] = []
+
+    def ticked() -> bool:
+        revived.extend(supervise(stack))
+        return _beat_since(stack, "reconcile", back)
+
+    wait_until(ticked, 120, "a tick once Redis is back")
     ticking = time.monotonic() - restarted
+
+    def restarted_as_asked() -> dict[str, Any] | None:
+        revived.extend(supervise(stack))
+        row = stack.settled(INSTANCE)
+        return row if row is not None and row["pid"] != before["pid"] else None
+
     after = wait_until(
-        lambda: (row := stack.settled(INSTANCE)) and row["pid"] != before["pid"] and row,
-        RECOVERY_SECS,
-        "the restart asked for while the broker was down",
+        restarted_as_asked, RECOVERY_SECS, "the restart asked for while the broker was down"
     )
     whole(stack)
     recover = time.monotonic() - restarted
