@@ -28,6 +28,7 @@ from tests.stack import Stack  # noqa: E402
 
 
 def main() -> None:
+    load = os.getloadavg()[0]  # a shared machine: what else ran matters
     work = Path(tempfile.mkdtemp(prefix="teimanager-bench-faults-"))
     stack = Stack(work / "stack", f"bench-faults-{uuid.uuid4().hex[:8]}")
     try:
@@ -43,14 +44,14 @@ def main() -> None:
     finally:
         stack.down()
         shutil.rmtree(work, ignore_errors=True)
-    report = render(recoveries)
+    report = render(recoveries, load)
     out = ROOT / "benchmarks" / "results" / "faults.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print(report)
 
 
-def render(recoveries: list[Recovery]) -> str:
+def render(recoveries: list[Recovery], load: float) -> str:
     by_fault = {r.fault: r for r in recoveries}
     instance = by_fault["instance killed"].figures
     multiplexer = by_fault["multiplexer killed"].figures
@@ -60,7 +61,8 @@ def render(recoveries: list[Recovery]) -> str:
         [
             "# Fault benchmark",
             "",
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs. "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs "
+            f"(load average {load:.1f} at the start). "
             "One stack of real processes: gunicorn (2 workers), a prefork Celery worker "
             "(concurrency 2), beat ticking every second, the multiplexer, a Redis of its own, "
             "SQLite (WAL); one localtei instance serving all-MiniLM-L6-v2. Each fault is a "

@@ -235,9 +235,10 @@ class Stack:
         self.db = self.dir / "state.sqlite3"
         self.log_dir = self.dir / "logs"
         self.log_dir.mkdir(exist_ok=True)
-        self.health_interval = health_interval
-        rng = random.Random(name)
-        self.port_base = rng.randrange(41000, 49000, 100)
+        # Instance ports: below the kernel's ephemeral range (32768-) and the suite's own
+        # (tests/conftest.py, 20000-40000), so that no outgoing connection takes one while
+        # its instance restarts.
+        self.port_base = random.Random(name).randrange(10000, 20000, 100)
         self.api_port, self.grpc_port, self.redis_port = free_ports(3)
         config = self.dir / "tei-manager.toml"
         config.write_text(
