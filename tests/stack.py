@@ -371,19 +371,15 @@ prometheus_port_end = {self.port_base + 99}
 
     def census(self) -> Census:
         ports = range(self.port_base, self.port_base + 50)
-        localtei: dict[int, set[int]] = {}
-        logpipes = set()
+        localtei = {port: pids for port, pids in localtei_processes().items() if port in ports}
         log_dir = str(self.log_dir)
+        logpipes = set()
         for proc in psutil.process_iter(["cmdline", "status"]):
             line = proc.info["cmdline"] or []
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or line[1:3] != ["-m", LOGPIPE]:
                 continue
-            if line[1:3] == ["-m", LOGPIPE] and any(arg.startswith(log_dir) for arg in line):
+            if any(arg.startswith(log_dir) for arg in line):
                 logpipes.add(proc.pid)
-            elif line[1:3] == ["-m", "localtei"]:
-                port = int(flag(line, "--port") or 0)
-                if port in ports:
-                    localtei.setdefault(port, set()).add(proc.pid)
         return Census(localtei, logpipes)
 
     def settled(self, name: str) -> dict[str, Any] | None:
@@ -463,13 +459,19 @@ def children(pid: int) -> list[int]:
 
 def instance_processes(port: int) -> set[int]:
     """Live localtei processes serving `port` on this host."""
-    found = set()
+    return localtei_processes().get(port, set())
+
+
+def localtei_processes() -> dict[int, set[int]]:
+    """Live localtei processes on this host, by the port they serve."""
+    found: dict[int, set[int]] = {}
     for proc in psutil.process_iter(["cmdline", "status"]):
         line = proc.info["cmdline"] or []
         if proc.info["status"] == psutil.STATUS_ZOMBIE or line[1:3] != ["-m", "localtei"]:
             continue
-        if flag(line, "--port") == str(port):
-            found.add(proc.pid)
+        port = flag(line, "--port")
+        if port is not None and port.isdigit():
+            found.setdefault(int(port), set()).add(proc.pid)
     return found
 
 
