@@ -47,6 +47,11 @@ class Config:
     grpc_max_message_size_mb: int = 64
     grpc_max_parallel_streams: int = 1024
     grpc_request_timeout_secs: float = 30.0
+    http_enabled: bool = True
+    http_port: int = 9003
+    http_payload_limit_bytes: int = 2_000_000
+    max_client_batch_size: int = 2048
+    queue_size: int = 1024
     state_file: str = "var/state.sqlite3"
     log_dir: str = "var/logs"
     mtls: MtlsConfig = field(default_factory=MtlsConfig)
@@ -58,6 +63,11 @@ ENV_OVERRIDES = {
     "api_port": "TEI_MANAGER_API_PORT",
     "grpc_port": "TEI_MANAGER_GRPC_PORT",
     "grpc_enabled": "TEI_MANAGER_GRPC_ENABLED",
+    "http_enabled": "TEI_MANAGER_HTTP_ENABLED",
+    "http_port": "TEI_MANAGER_HTTP_PORT",
+    "http_payload_limit_bytes": "TEI_MANAGER_HTTP_PAYLOAD_LIMIT",
+    "max_client_batch_size": "TEI_MANAGER_MAX_CLIENT_BATCH_SIZE",
+    "queue_size": "TEI_MANAGER_QUEUE_SIZE",
     "health_check_interval_secs": "TEI_MANAGER_HEALTH_CHECK_INTERVAL",
     "state_file": "TEI_MANAGER_STATE_FILE",
     "log_dir": "TEI_MANAGER_LOG_DIR",
@@ -67,6 +77,7 @@ ENV_OVERRIDES = {
 _PORT_KEYS = {
     "api_port",
     "grpc_port",
+    "http_port",
     "instance_port_start",
     "instance_port_end",
     "prometheus_port_start",
@@ -200,3 +211,6 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError("config key 'max_instances' must be at least 1")
     if config.grpc_request_timeout_secs <= 0:
         raise ConfigError("config key 'grpc_request_timeout_secs' must be above 0")
+    for key in ("http_payload_limit_bytes", "max_client_batch_size"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1")

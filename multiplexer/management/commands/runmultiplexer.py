@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from dataclasses import replace
 from typing import Any
 
 from django.conf import settings
@@ -15,7 +16,10 @@ from multiplexer.server import LOOP_KINDS, MultiplexerServer, ServerOptions, eve
 
 
 class Command(BaseCommand):
-    help = "Run the gRPC multiplexer (TeiMultiplexer, health, reflection) on TEI_MANAGER_GRPC_PORT."
+    help = (
+        "Run the multiplexer: gRPC (TeiMultiplexer, health, reflection) on TEI_MANAGER_GRPC_PORT "
+        "and the HTTP data plane on TEI_MANAGER_HTTP_PORT."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -26,6 +30,12 @@ class Command(BaseCommand):
             help="address to listen on (TEI_MANAGER_GRPC_HOST, else TEI_MANAGER_BIND)",
         )
         parser.add_argument("--port", type=int, default=None, help="default: grpc_port")
+        parser.add_argument(
+            "--http-port",
+            type=int,
+            default=None,
+            help="HTTP data plane port (default: http_port; off when http_enabled is false)",
+        )
         parser.add_argument(
             "--grace",
             type=float,
@@ -73,6 +83,8 @@ class Command(BaseCommand):
             port=options["port"],
             refresh_interval_secs=options["refresh_interval"],
         )
+        if options["http_port"] is not None and settings.TEI.http_enabled:
+            server_options = replace(server_options, http_port=options["http_port"])
         try:
             serve_metrics(options["metrics_port"], options["host"])
         except OSError as exc:
@@ -91,6 +103,7 @@ class Command(BaseCommand):
         loop_kind = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
         self.stdout.write(
             f"The multiplexer is now running on {options['host']}:{port} ({scheme}, {loop_kind}), "
+            f"HTTP on port {server.http_port or 'none'}, "
             f"metrics on port {options['metrics_port'] or 'none'}.",
         )
         await stop.wait()
