@@ -48,6 +48,10 @@ def event_loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEvent
     return asyncio.new_event_loop
 
 
+class HttpBindError(RuntimeError):
+    """The HTTP data plane's port cannot be bound."""
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     host: str = "0.0.0.0"
@@ -156,7 +160,10 @@ class MultiplexerServer:
                 self.http_port = await self.http.start(options.host, options.http_port)
             except OSError as exc:
                 await server.stop(None)
-                raise RuntimeError(f"HTTP port {options.http_port}: {exc}") from exc
+                raise HttpBindError(
+                    f"cannot listen on {options.host}:{options.http_port} (HTTP, "
+                    f"TEI_MANAGER_HTTP_PORT): {exc}"
+                ) from exc
         return self.port
 
     async def stop(self, grace: float | None = 10.0) -> None:

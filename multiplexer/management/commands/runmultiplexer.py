@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from dataclasses import replace
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from multiplexer.metrics import serve_metrics
-from multiplexer.server import LOOP_KINDS, MultiplexerServer, ServerOptions, event_loop_factory
+from multiplexer.server import (
+    LOOP_KINDS,
+    HttpBindError,
+    MultiplexerServer,
+    ServerOptions,
+    event_loop_factory,
+)
 
 
 class Command(BaseCommand):
@@ -34,7 +39,8 @@ class Command(BaseCommand):
             "--http-port",
             type=int,
             default=None,
-            help="HTTP data plane port (default: http_port; off when http_enabled is false)",
+            help="HTTP data plane port, 0 for any free one (default: http_port, none when "
+            "http_enabled is false)",
         )
         parser.add_argument(
             "--grace",
@@ -81,10 +87,9 @@ class Command(BaseCommand):
             settings.TEI,
             host=options["host"],
             port=options["port"],
+            http_port=options["http_port"],
             refresh_interval_secs=options["refresh_interval"],
         )
-        if options["http_port"] is not None and settings.TEI.http_enabled:
-            server_options = replace(server_options, http_port=options["http_port"])
         try:
             serve_metrics(options["metrics_port"], options["host"])
         except OSError as exc:
@@ -95,6 +100,8 @@ class Command(BaseCommand):
         server = MultiplexerServer(server_options)
         try:
             port = await server.start()
+        except HttpBindError as exc:
+            raise CommandError(str(exc)) from None
         except RuntimeError as exc:
             raise CommandError(
                 f"cannot listen on {options['host']}:{server_options.port}: {exc}"
