@@ -70,7 +70,7 @@ def main() -> int:
                 prometheus_port=metrics,
                 max_concurrent_requests=limit,
                 status="running",
-                node="bench",
+                node=f"bench-{limit}",  # one process, two rows: ports are unique per node
             )
         multiplexer = start_multiplexer()
         try:

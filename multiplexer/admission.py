@@ -8,7 +8,8 @@ overtake the queue. A full queue, or a wait that outlives its deadline, is refus
 Overloaded (gRPC RESOURCE_EXHAUSTED, HTTP 429 with Retry-After).
 
 Gates live on the server's event loop only; the routing table they read their limit from
-is swapped in by the refresher thread, and a gate picks up a new limit at its next use.
+is swapped in by the refresher thread, and `Router.retain` hands each gate its new row on
+the loop.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class Gate:
     def leave(self) -> None:
         """Free a slot: the oldest waiter gets it, else it is free again."""
         waiters = self.waiters
+        if self.in_flight > self.limit:  # the limit was lowered: shed this slot
+            self.in_flight -= 1
+            return
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():

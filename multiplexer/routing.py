@@ -148,8 +148,8 @@ class Router:
     async def enter(self, route: Route, timeout: float | None) -> None:
         """Take one slot on `route`'s instance: at once when free, else queued."""
         gate = self.gates.get(route.name)
-        if gate is None or gate.route is not route:
-            gate = self._gate(route)
+        if gate is None:  # a new table's limits reach existing gates through `retain`
+            gate = self.gates[route.name] = Gate(route, self.queue_size)
         if gate.in_flight < gate.limit and not gate.waiters:
             gate.in_flight += 1
             return
@@ -178,14 +178,6 @@ class Router:
                     del self.gates[name]
             elif gate.route is not route:
                 gate.update(route)
-
-    def _gate(self, route: Route) -> Gate:
-        gate = self.gates.get(route.name)
-        if gate is None:
-            gate = self.gates[route.name] = Gate(route, self.queue_size)
-        else:
-            gate.update(route)
-        return gate
 
     def _least_loaded(self, candidates: tuple[Route, ...]) -> Route:
         self._turn += 1

@@ -454,3 +454,38 @@ def test_it_counts_http_requests_and_latency_per_route_and_instance(base: str) -
     count = sample("tei_manager_multiplexer_http_requests_total", **unrouted)
     request(f"{base}/v1/embeddings", {"model": "nope", "input": "x"})
     assert sample("tei_manager_multiplexer_http_requests_total", **unrouted) == count + 1
+
+
+def test_model_ids_may_come_percent_encoded(base: str, servers: dict[str, LocalTEI]) -> None:
+    encoded = MINILM_ID.replace("/", "%2F")
+    reply = request(f"{base}/models/{encoded}/embed", {"inputs": "hello"})
+    assert reply.status == 200, reply.json
+    np.testing.assert_array_equal(
+        np.asarray(reply.json, dtype=np.float32), [embedding(servers["minilm"], "hello")]
+    )
+
+
+def test_runmultiplexer_serves_http_and_names_a_taken_port(base: str) -> None:
+    import signal
+
+    from tests.localtei_fixtures import free_port
+    from tests.test_multiplexer import read_until, start_command
+
+    http_port = free_port()
+    process = start_command("--port", str(free_port()), "--metrics-port", "0",
+                            "--http-port", str(http_port))  # fmt: skip
+    try:
+        assert f"HTTP on port {http_port}" in read_until(process, "is now running")
+        reply = request(f"http://127.0.0.1:{http_port}/instances/minilm/embed", {"inputs": "a"})
+        assert reply.status == 200 and len(reply.json[0]) == 384
+
+        taken = start_command("--port", str(free_port()), "--metrics-port", "0",
+                              "--http-port", str(http_port))  # fmt: skip
+        output, _ = taken.communicate(timeout=60)
+        assert taken.returncode != 0
+        assert f"{http_port} (HTTP, TEI_MANAGER_HTTP_PORT)" in output
+        assert "Traceback" not in output
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0 and output.rstrip().endswith("Done.")

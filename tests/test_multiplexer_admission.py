@@ -325,3 +325,25 @@ def test_a_stream_holds_one_slot_per_message_in_flight(
         holding.release()
         assert len(list(answers)) == 5
     assert server.router.in_flight("streamed") == 0
+
+
+def test_a_lowered_limit_sheds_slots_before_admitting_anyone() -> None:
+    async def scenario() -> None:
+        router = Router(table(limit=3), queue_size=5)
+        target = Target(instance_name="one")
+        for _ in range(3):
+            await router.acquire(target, 10)
+        waiting = asyncio.create_task(router.acquire(target, 10))
+        await asyncio.sleep(0.01)
+        router.update(table(limit=1))
+        router.retain(router.table)
+        route = router.table.by_name["one"]
+        router.release(route)
+        router.release(route)
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and router.in_flight("one") == 1
+        router.release(route)
+        await asyncio.wait_for(waiting, 1)
+        assert router.in_flight("one") == 1
+
+    asyncio.run(scenario())
