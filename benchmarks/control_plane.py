@@ -6,6 +6,12 @@
 2. GET /instances p50 with 500 instances in the database. Goal ≤ 30 ms.
 3. One reconcile tick over 100 running instances (pid check + gRPC health check each;
    the instances are one small gRPC server listening on 100 ports). Goal ≤ 1 s.
+4. One reconcile tick over 100 crashed instances (dead pids): it decides and enqueues 100
+   launches, spawning nothing itself. Goal ≤ 1 s.
+5. The last 100 lines of a 200 MB instance log (in the page cache) through the lifecycle
+   service: the first read (which counts the lines), a later one (counting only what was
+   appended), and the most memory a read that counts everything allocates. Goals ≤ 1 s,
+   ≤ 50 ms, ≤ 8 MiB.
 
 It runs on its own SQLite file, Redis DB 14 and queue names, next to anything else.
 """
@@ -20,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 import uuid
 from pathlib import Path
 
@@ -51,7 +58,7 @@ django.setup()
 from django.core.management import call_command  # noqa: E402
 from django.test import Client  # noqa: E402
 
-from instances import process, supervisor  # noqa: E402
+from instances import launch, logs, process, services, supervisor, tasks  # noqa: E402
 from instances.models import Instance, Status  # noqa: E402
 
 
@@ -71,11 +78,37 @@ def run() -> None:
     through_manager, own_start = manager_start_time()
     list_p50 = list_instances_p50()
     tick = reconcile_tick()
+    crashed_tick = reconcile_tick_crashed()
+    first_read, later_read, read_peak = read_log_tail()
     overhead = through_manager - own_start
     rows = [
         ("create → running, manager overhead", f"{overhead:.2f} s", "≤ 1 s", overhead <= 1),
         ("GET /instances p50, 500 rows", f"{list_p50 * 1000:.1f} ms", "≤ 30 ms", list_p50 <= 0.03),
         ("reconcile tick, 100 instances", f"{tick * 1000:.0f} ms", "≤ 1 s", tick <= 1),
+        (
+            "reconcile tick, 100 crashed instances (100 launches enqueued)",
+            f"{crashed_tick * 1000:.0f} ms",
+            "≤ 1 s",
+            crashed_tick <= 1,
+        ),
+        (
+            "last 100 log lines of 200 MB, first read",
+            f"{first_read * 1000:.0f} ms",
+            "≤ 1 s",
+            first_read <= 1,
+        ),
+        (
+            "last 100 log lines of 200 MB, later reads p50",
+            f"{later_read * 1000:.1f} ms",
+            "≤ 50 ms",
+            later_read <= 0.05,
+        ),
+        (
+            "memory a log read allocates (peak)",
+            f"{read_peak / 2**20:.1f} MiB",
+            "≤ 8 MiB",
+            read_peak <= 8 * 2**20,
+        ),
     ]
     report = "\n".join(
         [
@@ -106,7 +139,7 @@ def run() -> None:
 
 def localtei_start_time() -> float:
     port, prometheus_port = free_port(), free_port()
-    command = process.binary_command("") + [
+    command = launch.binary_command("") + [
         "--model-id", MODEL, "--port", str(port), "--prometheus-port", str(prometheus_port),
         "--json-output", "--auto-truncate",
     ]  # fmt: skip
@@ -219,6 +252,62 @@ def reconcile_tick() -> float:
     finally:
         server.terminate()
         server.wait(10)
+        Instance.objects.all().delete()
+
+
+def reconcile_tick_crashed() -> float:
+    """A tick over 100 instances whose processes died: the median of 5, each from the
+    same state (running, with a pid no live process has)."""
+    node = os.environ["TEI_MANAGER_NODE"]
+    timings = []
+    try:
+        for _ in range(5):
+            Instance.objects.all().delete()
+            Instance.objects.bulk_create(
+                Instance(name=f"crashed-{i:03d}", model_id=MODEL, port=30000 + i,
+                         prometheus_port=31000 + i, node=node, status=Status.RUNNING,
+                         pid=2**22 + i, process_started_at=1.0)
+                for i in range(100)
+            )  # fmt: skip
+            started = time.perf_counter()
+            tasks.reconcile_node(node)
+            timings.append(time.perf_counter() - started)
+            assert Instance.objects.filter(status=Status.PENDING, restarts=1).count() == 100
+        queued = redis.Redis.from_url(ENV["CELERY_BROKER_URL"]).llen(tasks.node_queue(node))
+        assert queued == 500, queued
+        return statistics.median(timings)
+    finally:
+        Instance.objects.all().delete()
+
+
+def read_log_tail() -> tuple[float, float, int]:
+    """(first read, later reads p50, peak allocation) of the last 100 lines of 200 MB."""
+    Instance.objects.create(name="chatty", model_id=MODEL, port=32000, prometheus_port=32001)
+    log = WORK / "logs" / "chatty.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    block = "".join(f"{i:09d} {'y' * 189}\n" for i in range(10_000)).encode()  # 200 B a line
+    with log.open("wb") as fh:
+        for _ in range(100):
+            fh.write(block)
+    try:
+        started = time.perf_counter()
+        assert len(services.read_logs("chatty", start=-100)["lines"]) == 100
+        first = time.perf_counter() - started
+        timings = []
+        for i in range(20):
+            with log.open("ab") as fh:
+                fh.write(f"appended {i}\n".encode())
+            started = time.perf_counter()
+            reply = services.read_logs("chatty", start=-100)
+            timings.append(time.perf_counter() - started)
+            assert reply["lines"][-1] == f"appended {i}"
+        logs._counted.clear()  # the worst case: a read that counts all 200 MB again
+        tracemalloc.start()
+        services.read_logs("chatty", start=-100)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return first, statistics.median(timings), peak
+    finally:
         Instance.objects.all().delete()
 
 

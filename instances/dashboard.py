@@ -1,7 +1,7 @@
 """What the admin index shows: the fleet by status, the GPUs (NVML), the health of each part.
 
-Every probe has a short timeout and never raises: a dead part is a red line on the
-dashboard, not a 500.
+The health panel is /health's verdict (instances/health.py), plus a broker ping. Nothing
+here raises: a dead part is a red line on the dashboard, not a 500.
 """
 
 from __future__ import annotations
@@ -9,16 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import grpc
 import redis
 from django.conf import settings
 from django.db import connection
 from django.db.models import Count
 from django.utils import timezone
 from django.utils.timesince import timesince
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from instances import gpu, services
+from instances import gpu, health
+from instances.heartbeats import WORKER_PREFIX
 from instances.models import Instance, Status
 
 PROBE_TIMEOUT_SECS = 0.5
@@ -87,27 +86,23 @@ def gpu_panel() -> GpuPanel:
 
 
 def parts_health() -> list[PartHealth]:
-    """Database, broker, worker, beat and multiplexer, each with a one-line reason."""
-    database = _check_database()
-    broker = _check_broker()
-    beats = _heartbeats() if database.ok else {}
-    reconcile = beats.get("reconcile")
-    worker, beat = _check_worker_and_beat(broker.ok, reconcile)
-    return [database, broker, worker, beat, _check_multiplexer(beats.get("multiplexer"))]
+    """Database, broker, beat, reconcile, each worker and the multiplexer, each with a
+    one-line reason. The verdicts are /health's (instances/health.py); only the broker
+    line is a probe of its own."""
+    verdict = health.evaluate()
+    if verdict.database_error:
+        database = PartHealth("Database", False, f"{connection.vendor}: {verdict.database_error}")
+    else:
+        database = PartHealth("Database", True, connection.vendor)
+    parts = [database, _check_broker()]
+    parts += [_heartbeat_line(part) for part in verdict.parts]
+    if not settings.TEI.grpc_enabled:
+        parts.append(PartHealth("Multiplexer", None, "disabled (TEI_MANAGER_GRPC_ENABLED=false)"))
+    return parts
 
 
 def _flatten(pinned: dict[int, list[Instance]]) -> list[Instance]:
     return [instance for index in sorted(pinned) for instance in pinned[index]]
-
-
-def _check_database() -> PartHealth:
-    vendor = connection.vendor
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-    except Exception as exc:
-        return PartHealth("Database", False, f"{vendor}: {exc}")
-    return PartHealth("Database", True, vendor)
 
 
 def _check_broker() -> PartHealth:
@@ -126,76 +121,23 @@ def _check_broker() -> PartHealth:
     return PartHealth("Broker", True, f"{shown} answers")
 
 
-def _heartbeats() -> dict[str, datetime | None]:
-    try:
-        return dict(services.heartbeats())
-    except Exception:
-        return {}
+def _heartbeat_line(part: health.Part) -> PartHealth:
+    label = _LABELS.get(part.name) or "Worker " + part.name.removeprefix(WORKER_PREFIX)
+    seen = f"last heartbeat {_ago(part.last_seen)}" if part.last_seen else "no heartbeat yet"
+    if part.state == health.OK:
+        return PartHealth(label, True, seen)
+    if part.state == health.STARTING:
+        return PartHealth(label, None, f"starting: not seen since start-up; {seen}")
+    return PartHealth(
+        label, False, f"{seen}, stale after {part.limit_secs:g}s{_HINTS.get(part.name, '')}"
+    )
 
 
-def _check_worker_and_beat(
-    broker_ok: bool | None, reconcile: datetime | None
-) -> tuple[PartHealth, PartHealth]:
-    """A fresh reconcile heartbeat proves both: beat scheduled the task and a worker ran it.
-
-    Only when it is stale does it cost a Celery ping, to tell which of the two is down.
-    """
-    if _is_fresh(reconcile):
-        seen = f"last reconcile {_ago(reconcile)}"
-        return PartHealth("Worker", True, seen), PartHealth("Beat", True, seen)
-    last = f"last reconcile {_ago(reconcile)}" if reconcile else "no reconcile yet"
-    if not broker_ok:
-        worker = PartHealth("Worker", None, "not checked: the broker is down")
-        return worker, PartHealth("Beat", None, f"not checked: the broker is down; {last}")
-    workers = _ping_workers()
-    if not workers:
-        worker = PartHealth("Worker", False, f"no worker answers a ping; {last}")
-        return worker, PartHealth("Beat", None, f"unknown while no worker runs; {last}")
-    worker = PartHealth("Worker", True, f"{', '.join(sorted(workers))} answered a ping")
-    return worker, PartHealth("Beat", False, f"{last}; is celery beat running?")
-
-
-def _ping_workers() -> list[str]:
-    from teimanager.celery import app
-
-    try:
-        replies = app.control.ping(timeout=PROBE_TIMEOUT_SECS, limit=1)
-    except Exception:
-        return []
-    return [name for reply in replies or [] for name in reply]
-
-
-def _check_multiplexer(heartbeat: datetime | None) -> PartHealth:
-    tei = settings.TEI
-    if not tei.grpc_enabled:
-        return PartHealth("Multiplexer", None, "disabled (TEI_MANAGER_GRPC_ENABLED=false)")
-    seen = f"; heartbeat {_ago(heartbeat)}" if heartbeat else ""
-    if tei.mtls.enabled:
-        # A plaintext probe cannot pass mTLS; the heartbeat is the evidence.
-        ok = _is_fresh(heartbeat)
-        return PartHealth(
-            "Multiplexer", ok, f"port {tei.grpc_port} (mTLS){seen or '; no heartbeat'}"
-        )
-    target = f"127.0.0.1:{tei.grpc_port}"
-    try:
-        with grpc.insecure_channel(target) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_SECS
-            )
-    except grpc.RpcError as exc:
-        code = exc.code().name if hasattr(exc, "code") else "ERROR"
-        return PartHealth("Multiplexer", False, f"{target} does not answer ({code}){seen}")
-    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-    state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    return PartHealth("Multiplexer", serving, f"{target} {state}{seen}")
-
-
-def _is_fresh(seen: datetime | None) -> bool:
-    if seen is None:
-        return False
-    # Three missed ticks (plus slack for a slow one) before a part counts as down.
-    limit = 3 * settings.TEI.health_check_interval_secs + 5
-    return (timezone.now() - seen).total_seconds() <= limit
+_LABELS = {"beat": "Beat", "reconcile": "Reconcile", "multiplexer": "Multiplexer"}
+_HINTS = {
+    "beat": "; is celery beat running?",
+    "reconcile": "; beat's tick is not run: is a worker up, and the broker?",
+}
 
 
 def _ago(moment: datetime | None) -> str:

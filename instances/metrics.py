@@ -5,10 +5,10 @@ changed the state. GPU gauges come from NVML where there is a GPU."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from django.conf import settings
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -20,9 +20,9 @@ from instances.models import Counter, Heartbeat, Instance, Status
 
 def render() -> tuple[bytes, str]:
     collectors: list[Any] = [InstanceCollector()]
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if settings.TEI.prometheus_multiproc_dir:
         multiprocess = CollectorRegistry()
-        MultiProcessCollector(multiprocess)
+        MultiProcessCollector(multiprocess, path=settings.TEI.prometheus_multiproc_dir)
         collectors.append(multiprocess)
     else:
         collectors.append(REGISTRY)

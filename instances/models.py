@@ -66,6 +66,9 @@ class Instance(models.Model):
 
     # Runtime facts.
     pid = models.PositiveIntegerField(null=True, blank=True)
+    # A fresh value each time a worker claims the launch (pending -> starting): every write
+    # that follows checks it, so a launch that another one superseded cannot record its pid.
+    launch_token = models.CharField(max_length=32, blank=True, default="")
     process_started_at = models.FloatField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     restarts = models.PositiveIntegerField(default=0)
@@ -107,7 +110,7 @@ class Instance(models.Model):
         **fields: Any,
     ) -> bool:
         """Compare-and-set: move to `to_status` only if the row is still in `from_states`
-        (and, with `same_process`, still records the pid this object read).
+        (and, with `same_process`, still records the pid and the launch this object read).
 
         Returns False (and changes nothing) when another process got there first.
         `pid=None` forgets the process whole: its start time goes with it.
@@ -117,7 +120,7 @@ class Instance(models.Model):
             fields["process_started_at"] = None
         rows = Instance.objects.filter(pk=self.pk, status__in=list(from_states))
         if same_process:
-            rows = rows.filter(pid=self.pid)
+            rows = rows.filter(pid=self.pid, launch_token=self.launch_token)
         updated = rows.update(updated_at=timezone.now(), **fields)
         if updated:
             for key, value in fields.items():

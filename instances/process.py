@@ -1,21 +1,24 @@
-"""Instance processes on this host: build the command, spawn, check, stop, read the log.
+"""Instance processes on this host: build the command, spawn, check, stop.
 
-No shell anywhere: the command is a list. Each process runs in its own session (so a
-signal reaches its whole group and it outlives a dying worker), with stdout and stderr
-appended to `<log dir>/<name>.log`.
+No shell anywhere: the command is a list (instances/launch.py builds it and the
+environment). Each instance is started by its log pipe
+(`python -m instances.logpipe`, see logpipe.py), which runs in a session of its own (so
+the instance outlives a dying worker) and writes the instance's stdout and stderr to
+`<log dir>/<name>.log`, rotated by size. The instance leads a process group of its own
+in that session: a stop signals the group, and then waits for the log pipe to drain.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,10 +27,15 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from instances.launch import BASE_DIR, build_command, build_env
+from instances.logs import log_path
+
 if TYPE_CHECKING:
     from instances.models import Instance
 
-BASE_DIR = Path(__file__).resolve().parent.parent
+LOGPIPE_MODULE = "instances.logpipe"
+# How long the log pipe may take to start the instance (a Python start-up, on a busy host).
+SPAWN_TIMEOUT_SECS = 30.0
 
 
 @dataclass(frozen=True)
@@ -36,70 +44,96 @@ class Spawned:
     create_time: float
 
 
-def is_executable(path: str) -> bool:
-    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
-
-
-def binary_command(tei_binary_path: str) -> list[str]:
-    """The router when TEI_BINARY_PATH points at an executable, localtei otherwise."""
-    if is_executable(tei_binary_path):
-        return [tei_binary_path]
-    return [sys.executable, "-m", "localtei"]
-
-
-def build_command(instance: Instance, tei_binary_path: str) -> list[str]:
-    command = binary_command(tei_binary_path) + [
-        "--model-id",
-        instance.model_id,
-        "--port",
-        str(instance.port),
-        "--max-batch-tokens",
-        str(instance.max_batch_tokens),
-        "--max-concurrent-requests",
-        str(instance.max_concurrent_requests),
-        "--json-output",
-        "--prometheus-port",
-        str(instance.prometheus_port),
-    ]
-    if instance.pooling:
-        command += ["--pooling", instance.pooling]
-    if instance.auto_truncate:
-        command.append("--auto-truncate")
-    return command + [str(arg) for arg in instance.extra_args]
-
-
-def build_env(instance: Instance) -> dict[str, str]:
-    env = dict(os.environ)
-    if instance.gpu_id is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(instance.gpu_id)
-    # localtei is a package of this checkout: make it importable from any working directory.
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(BASE_DIR), str(BASE_DIR / "proto"), env.get("PYTHONPATH", "")) if p
-    )
-    return env
-
-
-def spawn(instance: Instance, tei_binary_path: str, log_dir: Path) -> Spawned:
-    """Start the instance's process; raises OSError when the binary cannot be executed."""
+def spawn(
+    instance: Instance,
+    tei_binary_path: str,
+    log_dir: Path,
+    log_max_bytes: int = 0,
+    log_backups: int = 0,
+) -> Spawned:
+    """Start the instance's process through its log pipe; raises OSError when the binary
+    (or the log file) cannot be used, LaunchContractError when the row cannot be launched
+    as it stands. Returns the instance's pid, not the log pipe's."""
     command = build_command(instance, tei_binary_path)
     log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_path(log_dir, instance.name), "ab", buffering=0) as log:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        log.write(f"--- {stamp} tei-manager: starting {' '.join(command)}\n".encode())
-        child = subprocess.Popen(
-            command,
+    status_read, status_write = os.pipe()
+    try:
+        pipe = subprocess.Popen(
+            [sys.executable, "-m", LOGPIPE_MODULE]
+            + ["--max-bytes", str(log_max_bytes), "--backups", str(log_backups)]
+            + ["--status-fd", str(status_write), str(log_path(log_dir, instance.name))]
+            + ["--", *command],
             stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             env=build_env(instance),
             cwd=BASE_DIR,
             start_new_session=True,
             close_fds=True,
+            pass_fds=(status_write,),
         )
+    finally:
+        os.close(status_write)
     # The reaper (reap_children) collects the exit status, whichever pool process stops it;
     # marking the Popen done keeps subprocess from polling a pid that may be reused.
-    child.returncode = 0
-    return Spawned(pid=child.pid, create_time=psutil.Process(child.pid).create_time())
+    pipe.returncode = 0
+    try:
+        pid = _read_launch_status(status_read, pipe.pid)
+    finally:
+        os.close(status_read)
+    try:
+        create_time = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        # Gone already (the log pipe reaped it): a start time no process can have, so
+        # that the pid reads as dead, not as whichever process gets it next.
+        create_time = 0.0
+    return Spawned(pid=pid, create_time=create_time)
+
+
+def _read_launch_status(status: int, pipe_pid: int) -> int:
+    """The instance's pid from the log pipe's status lines (see logpipe.py); OSError when
+    the instance did not start."""
+    deadline = time.monotonic() + SPAWN_TIMEOUT_SECS
+    report = b""
+    while chunk := _read_until(status, deadline):
+        report += chunk
+    pid = None
+    for line in report.decode(errors="replace").splitlines():
+        kind, *fields = line.split("\t")
+        if kind == "error" and len(fields) == 3:
+            number, filename, message = fields
+            raise OSError(int(number) if number.isdigit() else 0, message, filename)
+        if kind == "pid" and len(fields) == 1 and fields[0].isdigit():
+            pid = int(fields[0])
+    if pid is None:
+        _signal_group(pipe_pid, signal.SIGKILL)
+        raise OSError("the log pipe ended or hung before it started the instance")
+    return pid
+
+
+def _read_until(fd: int, deadline: float) -> bytes:
+    """The next bytes from `fd`; empty at its end or at the deadline."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        return b""
+    return os.read(fd, 4096)
+
+
+def find_launched(instance: Instance, tei_binary_path: str) -> list[tuple[int, float]]:
+    """Live processes on this host that run the instance's exact command (found by their
+    command line, which holds the instance's ports): what a launch that died before saving
+    its pid leaves behind."""
+    command = build_command(instance, tei_binary_path)
+    found = []
+    for proc in psutil.process_iter(["cmdline", "create_time", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if (
+            cmdline[-len(command) :] == command
+            and cmdline[1:3] != ["-m", LOGPIPE_MODULE]
+            and proc.info["status"] != psutil.STATUS_ZOMBIE
+        ):
+            found.append((proc.pid, proc.info["create_time"]))
+    return found
 
 
 def is_alive(pid: int | None, create_time: float | None) -> bool:
@@ -121,19 +155,35 @@ def terminate(pid: int | None, create_time: float | None, grace_secs: float) -> 
 
 
 def terminate_many(processes: list[tuple[int | None, float | None]], grace_secs: float) -> None:
+    """SIGTERM each process group, wait up to `grace_secs` for the instances to exit and
+    their log pipes to write the last lines, then SIGKILL what is left."""
     live = [(pid, ct) for pid, ct in processes if pid and is_alive(pid, ct)]
+    pipes = [pipe for pid, _ in live if (pipe := _log_pipe(pid)) is not None]
     for pid, _ in live:
         _signal_group(pid, signal.SIGTERM)
+    waiting = live + pipes
     deadline = time.monotonic() + grace_secs
-    while live and time.monotonic() < deadline:
+    while waiting and time.monotonic() < deadline:
         reap_children()
-        live = [(pid, ct) for pid, ct in live if is_alive(pid, ct)]
-        if live:
+        waiting = [(pid, ct) for pid, ct in waiting if is_alive(pid, ct)]
+        if waiting:
             time.sleep(0.05)
-    for pid, _ in live:
+    for pid, _ in waiting:
         _signal_group(pid, signal.SIGKILL)
-    for pid, ct in live:
+    for pid, ct in waiting:
         _wait_gone(pid, ct, 5.0)
+
+
+def _log_pipe(pid: int) -> tuple[int, float] | None:
+    """The log pipe of instance `pid`: the leader of its session, when that is not the
+    instance itself (one started before log pipes) and not this process's own."""
+    try:
+        leader = os.getsid(pid)
+        if leader in (pid, os.getsid(0)):
+            return None
+        return leader, psutil.Process(leader).create_time()
+    except (OSError, psutil.Error):
+        return None
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -196,7 +246,12 @@ def health_check(address: str, timeout: float) -> bool:
 
 
 def port_is_free(port: int) -> bool:
-    """True when nothing on this host listens on `port` (TEI binds all interfaces)."""
+    """True when nothing on this host listens on `port`, on any address.
+
+    An instance binds one address (TEI_MANAGER_INSTANCE_BIND), but a listener on any
+    other address of the host, or on the wildcard, may hold the same port: binding the
+    wildcard addresses fails for every one of them, so none is handed out twice.
+    """
     for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -212,25 +267,3 @@ def port_is_free(port: int) -> bool:
         finally:
             sock.close()
     return True
-
-
-def log_path(log_dir: Path, name: str) -> Path:
-    return log_dir / f"{name}.log"
-
-
-def tail(path: Path, lines: int) -> list[str]:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(max(0, path.stat().st_size - 64 * 1024))
-            text = fh.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    return list(deque(text.splitlines(), maxlen=lines))
-
-
-def read_lines(path: Path) -> list[str]:
-    try:
-        with path.open("rb") as fh:
-            return fh.read().decode("utf-8", errors="replace").splitlines()
-    except FileNotFoundError:
-        return []

@@ -6,14 +6,13 @@ process. Every status change is a compare-and-set (`Instance.transition`).
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import Case, F, Q, When
 
-from instances import process, tasks
+from instances import logs, process, tasks
 from instances.errors import (
     AlreadyRunning,
     InstanceExists,
@@ -23,13 +22,12 @@ from instances.errors import (
     PortConflict,
     ValidationFailed,
 )
-from instances.models import Counter, DesiredState, Heartbeat, Instance, OrphanProcess, Status
+from instances.models import Counter, DesiredState, Instance, OrphanProcess, Status
 
 log = logging.getLogger(__name__)
 
 CREATED_COUNTER = "instances_created"
 DELETED_COUNTER = "instances_deleted"
-KNOWN_HEARTBEATS = ("reconcile", "multiplexer")
 # A fresh start: what start and restart reset.
 _FRESH: dict[str, Any] = {
     "desired_state": DesiredState.RUNNING,
@@ -81,7 +79,10 @@ def restart_instance(name: str) -> Instance:
     """Stop the process (if any) and start a new one; counts as a restart when one ran."""
     instance = get_instance(name)
     with transaction.atomic():
-        restarts = F("restarts") + 1
+        # Decided by the row as the update finds it: a pending row, or a launch that has no
+        # pid yet, ran nothing (and a pending row with a pid already counted its restart).
+        ran = Q(status=Status.RUNNING) | Q(status=Status.STARTING, pid__isnull=False)
+        restarts = F("restarts") + Case(When(ran, then=1), default=0)
         if instance.transition(Status.active(), Status.PENDING, restarts=restarts, **_FRESH):
             instance.refresh_from_db()
             _enqueue_on_commit(tasks.launch_instance, instance)
@@ -95,11 +96,14 @@ def restart_instance(name: str) -> Instance:
 
 def delete_instance(name: str) -> None:
     """Remove the row now; the instance's worker stops the process left behind."""
-    instance = get_instance(name)
     with transaction.atomic():
-        deleted, _ = Instance.objects.filter(pk=instance.pk).delete()
-        if not deleted:
+        # The pid is read in the transaction that deletes the row (locked on PostgreSQL;
+        # SQLite's IMMEDIATE transaction locks the database): a launch saves its pid before,
+        # and it is recorded here, or after, and finds no row and kills its process itself.
+        instance = Instance.objects.select_for_update().filter(name=name).first()
+        if instance is None:
             raise InstanceNotFound(f"instance '{name}' not found")
+        instance.delete()
         Counter.increment(DELETED_COUNTER)
         if instance.pid:
             # Recorded, so that the process is stopped even if the kill message is lost.
@@ -115,12 +119,10 @@ def delete_instance(name: str) -> None:
 
 
 def read_logs(name: str, start: int | None = None, end: int | None = None) -> dict[str, Any]:
-    """Lines `[start:end]` of the instance's log, with Python slice semantics."""
+    """Lines `[start:end]` of the instance's log (with its rotated backups, oldest first),
+    with Python slice semantics; at most logs.MAX_LINES lines a call (see logs.py)."""
     instance = get_instance(name)
-    lines = process.read_lines(process.log_path(settings.LOG_DIR, instance.name))
-    first, last, _ = slice(start, end).indices(len(lines))
-    last = max(first, last)
-    return {"lines": lines[first:last], "start": first, "end": last, "total_lines": len(lines)}
+    return logs.read(settings.LOG_DIR, instance.name, start, end)
 
 
 def get_instance(name: str) -> Instance:
@@ -128,13 +130,6 @@ def get_instance(name: str) -> Instance:
     if instance is None:
         raise InstanceNotFound(f"instance '{name}' not found")
     return instance
-
-
-def heartbeats() -> dict[str, datetime | None]:
-    """Last sign of life of each background process; None for one never seen."""
-    seen: dict[str, datetime | None] = dict.fromkeys(KNOWN_HEARTBEATS)
-    seen.update(Heartbeat.objects.values_list("name", "last_seen"))
-    return seen
 
 
 def _insert(fields: dict[str, Any]) -> Instance:

@@ -2,6 +2,7 @@
 
 Instance tasks go to the queue of the instance's node (`node.<name>`), which only that
 host's worker consumes; the beat tick goes to the default queue and fans out per node.
+The tick only decides: the launches, stops and kills it asks for are enqueued here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from celery import shared_task, signals
 from django.conf import settings
 
 from instances import process, supervisor
-from instances.models import Instance
+from instances.models import Instance, OrphanProcess
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,10 @@ def launch_instance(pk: int) -> None:
 
 @shared_task(name="instances.tasks.watch_start", ignore_result=True)
 def watch_start(pk: int, every: float = WATCH_START_FIRST_SECS) -> None:
-    if supervisor.watch_start(pk):
+    work = supervisor.watch_start(pk)
+    if supervisor.Work(supervisor.WATCH, pk) in work:
         _watch_again(pk, min(2 * every, WATCH_START_MAX_SECS))
+    dispatch(settings.NODE_NAME, work)
 
 
 def _watch_again(pk: int, every: float) -> None:
@@ -56,12 +59,24 @@ def reconcile() -> None:
     for node in sorted(nodes - {settings.NODE_NAME}):
         expires = float(settings.TEI.health_check_interval_secs)
         enqueue(reconcile_node, node, [node], expires=expires)
-    supervisor.reconcile_node(settings.NODE_NAME)
+    reconcile_node(settings.NODE_NAME)
 
 
 @shared_task(name="instances.tasks.reconcile_node", ignore_result=True)
 def reconcile_node(node: str) -> None:
-    supervisor.reconcile_node(node)
+    dispatch(node, supervisor.reconcile_node(node))
+
+
+def dispatch(node: str, work: list[supervisor.Work]) -> None:
+    """Enqueue the launches, stops and kills that supervisor asked for on `node`."""
+    tasks = {
+        supervisor.LAUNCH: launch_instance,
+        supervisor.STOP: stop_instance,
+        supervisor.KILL_ORPHAN: kill_orphan,
+    }
+    for item in work:
+        if item.action in tasks:
+            enqueue(tasks[item.action], node, [item.pk])
 
 
 def node_queue(node: str) -> str:
@@ -94,8 +109,12 @@ def reap_instance_processes(**kwargs: Any) -> None:
 
 @signals.worker_ready.connect
 def restore_instances(**kwargs: Any) -> None:
-    for pk in supervisor.restore_node(settings.NODE_NAME):
-        enqueue(launch_instance, settings.NODE_NAME, [pk])
+    node = settings.NODE_NAME
+    for pk in supervisor.restore_node(node):
+        enqueue(launch_instance, node, [pk])
+    # Whatever this node's previous worker left to kill (its kill messages died with it).
+    for pk in OrphanProcess.objects.filter(node=node).values_list("pk", flat=True):
+        enqueue(kill_orphan, node, [pk])
 
 
 @signals.worker_shutting_down.connect

@@ -44,27 +44,40 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     add("--max-batch-tokens", type=int, default=_env_int("MAX_BATCH_TOKENS", 16384))
     add("--max-batch-requests", type=int, default=_env_int("MAX_BATCH_REQUESTS"))
     add("--max-client-batch-size", type=int, default=_env_int("MAX_CLIENT_BATCH_SIZE", 32))
-    add("--auto-truncate", action="store_true", default=_env_bool("AUTO_TRUNCATE"))
+    # `--auto-truncate`, or as newer routers also take it, `--auto-truncate false`.
+    add(
+        "--auto-truncate",
+        nargs="?",
+        type=_boolean,
+        const=True,
+        default=_env_bool("AUTO_TRUNCATE"),
+        metavar="BOOL",
+    )
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--default-prompt-name", default=_env("DEFAULT_PROMPT_NAME"))
     prompts.add_argument("--default-prompt", default=_env("DEFAULT_PROMPT"))
-    # TEI reads HOSTNAME too, but shells set it to the machine's name: only the flag counts.
-    add("--hostname", default="0.0.0.0")
+    # Like TEI: a container's HOSTNAME is its name, which is not an IP address, and then
+    # the server listens on 0.0.0.0 (see server.py). The manager always passes --hostname.
+    add("--hostname", default=_env("HOSTNAME", "0.0.0.0"))
     add("--port", "-p", type=int, default=_env_int("PORT", 3000))
     add("--huggingface-hub-cache", default=_env("HUGGINGFACE_HUB_CACHE"))
     add("--payload-limit", type=int, default=_env_int("PAYLOAD_LIMIT", 2_000_000))
     add("--api-key", default=_env("API_KEY"))
     add("--json-output", action="store_true", default=_env_bool("JSON_OUTPUT"))
     add("--prometheus-port", type=int, default=_env_int("PROMETHEUS_PORT", 9000))
-    # Accepted for compatibility; nothing here uses them.
-    add("--hf-api-token", "--hf-token", default=None, help=argparse.SUPPRESS)
-    add("--disable-spans", action="store_true", help=argparse.SUPPRESS)
-    add("--otlp-endpoint", default=None, help=argparse.SUPPRESS)
-    add("--otlp-service-name", default=None, help=argparse.SUPPRESS)
-    add("--cors-allow-origin", action="append", default=None, help=argparse.SUPPRESS)
-    add("--dense-path", default=None, help=argparse.SUPPRESS)
-    add("--serverless", action="store_true", help=argparse.SUPPRESS)
-    add("--uds-path", default=None, help=argparse.SUPPRESS)
+    # Accepted for compatibility, from the flag or its variable; nothing here uses them.
+    hidden = argparse.SUPPRESS
+    add("--hf-api-token", default=_env("HF_API_TOKEN"), help=hidden)
+    add("--hf-token", default=_env("HF_TOKEN"), help=hidden)
+    add("--served-model-name", default=_env("SERVED_MODEL_NAME"), help=hidden)
+    add("--device-id", type=int, default=_env_int("DEVICE_ID", 0), help=hidden)
+    add("--disable-spans", action="store_true", default=_env_bool("DISABLE_SPANS"), help=hidden)
+    add("--otlp-endpoint", default=_env("OTLP_ENDPOINT"), help=hidden)
+    add("--otlp-service-name", default=_env("OTLP_SERVICE_NAME"), help=hidden)
+    add("--cors-allow-origin", action="append", default=None, help=hidden)
+    add("--dense-path", default=_env("DENSE_PATH"), help=hidden)
+    add("--serverless", action="store_true", help=hidden)
+    add("--uds-path", default=_env("UDS_PATH"), help=hidden)
     args = parser.parse_args(argv)
     _check_ranges(parser, args)
     return Settings(
@@ -116,4 +129,17 @@ def _env_int(name: str, default: int | None = None) -> int | None:
 
 
 def _env_bool(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    value = os.environ.get(name, "")
+    try:
+        return _boolean(value) if value.strip() else False
+    except argparse.ArgumentTypeError:
+        sys.exit(f"error: environment variable {name}={value!r} is not a boolean")
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true or false)")

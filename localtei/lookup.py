@@ -25,6 +25,19 @@ class ModelLocation:
     path: Path
     source: str  # "directory", "hf-cache" or "package"
     sha: str | None = None  # the snapshot's commit when it came from the HF cache
+    package: str = ""  # the Python package it came from
+
+    def describe(self) -> str:
+        """Where the files are, for the log, without the host's absolute paths."""
+        if self.source == "hf-cache":
+            return f"the Hugging Face cache (snapshot {self.sha})"
+        if self.source == "package":
+            return f"the Python package {self.package}"
+        return "a local directory"
+
+    def hide_path(self, text: str, model_id: str) -> str:
+        """`text` with this location's path replaced by the model id."""
+        return text.replace(str(self.path), f"'{model_id}'")
 
 
 def find_model(
@@ -42,7 +55,7 @@ def find_model(
         return packaged
     raise StartupError(
         f"model '{model_id}' not found: not a local directory, not in the Hugging Face cache "
-        f"({_cache_dir_for_message(cache_dir)}, offline), not a packaged model "
+        f"({_cache_setting(cache_dir)}, offline), not a packaged model "
         f"(packaged: {', '.join(sorted(PACKAGED_MODELS))})"
     )
 
@@ -77,12 +90,16 @@ def _find_packaged(model_id: str) -> ModelLocation | None:
         path = Path(getattr(module, function_name)())
     except (ImportError, AttributeError, OSError):
         return None
-    return ModelLocation(path, "package") if path.is_dir() else None
+    return ModelLocation(path, "package", package=module_name) if path.is_dir() else None
 
 
-def _cache_dir_for_message(cache_dir: str | None) -> str:
+def _cache_setting(cache_dir: str | None) -> str:
+    """Which cache was searched, by the setting that chose it: the message names no path
+    of the host (it reaches the manager's API as the instance's last error)."""
     if cache_dir:
-        return cache_dir
-    return os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub"
-    )
+        return "--huggingface-hub-cache"
+    if os.environ.get("HF_HUB_CACHE"):
+        return "HF_HUB_CACHE"
+    if os.environ.get("HF_HOME"):
+        return "HF_HOME/hub"
+    return "~/.cache/huggingface/hub"

@@ -60,7 +60,7 @@ def load_model(
     """
     if found is None:
         location = find_model(model_id, revision, cache_dir)
-        found = location, describe_model(location.path, pooling)
+        found = location, describe_model(location.path, pooling, model_id)
     location, spec = found
     if default_prompt_name is not None:
         if default_prompt_name not in spec.prompts:
@@ -255,5 +255,6 @@ def _load_module(spec: ModelSpec, dtype: torch.dtype, device: str) -> torch.nn.M
         module = auto.from_pretrained(str(spec.path), dtype=dtype, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to load is one start-up error
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StartupError(f"model at {spec.path} is not loadable: {first_line}") from exc
+        first_line = first_line.replace(str(spec.path), f"'{spec.name}'")
+        raise StartupError(f"model '{spec.name}' is not loadable: {first_line}") from exc
     return module.to(device).eval()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import ipaddress
 import logging
 import signal
 import threading
@@ -16,9 +18,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from localtei.errors import StartupError
 from localtei.lookup import ModelLocation, find_model
@@ -48,12 +49,12 @@ def run(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
+    settings = dataclasses.replace(settings, hostname=listen_address(settings.hostname))
     # Fail fast (before binding, before torch) when the model is nowhere to be found.
     location = find_model(settings.model_id, settings.revision, settings.huggingface_hub_cache)
-    log.info(
-        "Model files for '%s' found in %s (%s)", settings.model_id, location.path, location.source
-    )
-    spec = describe_model(location.path, settings.pooling)  # one it cannot serve fails here
+    log.info("Model files for '%s' found in %s", settings.model_id, location.describe())
+    # One it cannot serve fails here.
+    spec = describe_model(location.path, settings.pooling, settings.model_id)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -111,6 +112,7 @@ async def _serve(settings: Settings) -> int:
 def _grpc_server(
     settings: Settings, service: TeiService, health: HealthServicer, service_names: tuple[str, ...]
 ) -> grpc.aio.Server:
+    from localtei.handlers import add_health_and_reflection
     from localtei.services import add_tei_services
 
     server = grpc.aio.server(
@@ -122,15 +124,7 @@ def _grpc_server(
         ]
     )
     add_tei_services(service, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            *service_names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    add_health_and_reflection(server, health, service_names)
     address = f"{_grpc_host(settings.hostname)}:{settings.port}"
     try:
         server.add_insecure_port(address)
@@ -178,10 +172,11 @@ def _serve_metrics(settings: Settings) -> None:
 def _load_model(settings: Settings, location: ModelLocation, spec: ModelSpec) -> Model:
     try:
         return _load_and_warm_up(settings, location, spec)
-    except StartupError:
-        raise
+    except StartupError as err:
+        raise StartupError(location.hide_path(str(err), settings.model_id)) from err
     except Exception as exc:  # noqa: BLE001 - whatever it is, it is one line in the log
-        raise StartupError(f"model '{settings.model_id}' failed to load: {exc}") from exc
+        reason = location.hide_path(str(exc), settings.model_id)
+        raise StartupError(f"model '{settings.model_id}' failed to load: {reason}") from exc
 
 
 def _load_and_warm_up(settings: Settings, location: ModelLocation, spec: ModelSpec) -> Model:
@@ -225,6 +220,17 @@ def _configure_torch_threads() -> int:
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
     return threads
+
+
+def listen_address(hostname: str) -> str:
+    """`--hostname` as TEI takes it: an IP address, or else every interface (a container's
+    HOSTNAME variable holds its name, which TEI does not resolve)."""
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        log.warning("Invalid hostname %r, defaulting to 0.0.0.0", hostname)
+        return "0.0.0.0"
+    return hostname
 
 
 def _grpc_host(hostname: str) -> str:

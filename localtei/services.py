@@ -26,6 +26,7 @@ from localtei.errors import (
     UnavailableError,
     ValidationError,
 )
+from localtei.handlers import add_servicer
 from localtei.jobs import Job, Task
 from localtei.settings import Settings
 from localtei.spec import ModelKind
@@ -59,11 +60,10 @@ def served_services(kind: ModelKind) -> set[str]:
 
 
 def add_tei_services(service: TeiService, server: grpc.aio.Server) -> None:
-    tei_pb2_grpc.add_InfoServicer_to_server(service, server)
-    tei_pb2_grpc.add_EmbedServicer_to_server(service, server)
-    tei_pb2_grpc.add_PredictServicer_to_server(service, server)
-    tei_pb2_grpc.add_RerankServicer_to_server(service, server)
-    tei_pb2_grpc.add_TokenizeServicer_to_server(service, server)
+    for descriptor in tei_pb2.DESCRIPTOR.services_by_name.values():
+        # A malformed message in a stream is answered like any invalid request, after
+        # the answers to the messages before it.
+        add_servicer(server, service, descriptor, stream_error=ValidationError)
 
 
 class TeiService(
@@ -242,6 +242,14 @@ class TeiService(
                 metrics.REQUEST_SUCCESS.labels(method).inc()
                 metrics.REQUEST_DURATION.observe(time.perf_counter() - start)
                 yield response
+            # The requests ended and every one was answered. Did they end in an error?
+            await asyncio.wait((feeder,))
+            error = None if feeder.cancelled() else feeder.exception()
+            if isinstance(error, ServingError):
+                await _fail(context, method, error)
+            elif error is not None:
+                log.error("%s: reading the requests failed: %r", method, error)
+                await _fail(context, method, BackendError(f"internal error: {error}"))
         finally:
             feeder.cancel()
             while not pending.empty():

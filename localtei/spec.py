@@ -45,17 +45,22 @@ class ModelSpec:
     hidden_size: int
     prompts: dict[str, str] = field(default_factory=dict)
     architectures: list[str] = field(default_factory=list)
+    name: str = ""  # how messages name the model: its id, never the host's path
 
     @property
     def is_splade(self) -> bool:
         return self.pooling == "splade"
 
 
-def describe_model(path: Path, pooling: str | None = None) -> ModelSpec:
-    """Read config.json and the sentence-transformers files; StartupError if unusable."""
+def describe_model(path: Path, pooling: str | None = None, name: str | None = None) -> ModelSpec:
+    """Read config.json and the sentence-transformers files; StartupError if unusable.
+
+    `name` (the model id) is how errors name the model: they never show the host's path.
+    """
+    name = name or path.name
     config = _read_json(path / "config.json")
     if config is None:
-        raise StartupError(f"model at {path} is not loadable: no readable config.json")
+        raise StartupError(f"model '{name}' is not loadable: no readable config.json")
     architectures = list(config.get("architectures") or [])
     kind, labels = _kind_and_labels(config, architectures)
     if kind is not ModelKind.EMBEDDING:
@@ -66,10 +71,10 @@ def describe_model(path: Path, pooling: str | None = None) -> ModelSpec:
         if not any(a.endswith("ForMaskedLM") for a in architectures):
             raise StartupError(
                 f"`--pooling splade` needs a model with a masked-language-model head "
-                f"(*ForMaskedLM); {path} has architectures {architectures}"
+                f"(*ForMaskedLM); model '{name}' has architectures {architectures}"
             )
     elif pooling is None:
-        pooling = _pooling_from_sentence_transformers(path)
+        pooling = _pooling_from_sentence_transformers(path, name)
     return ModelSpec(
         path=path,
         kind=kind,
@@ -79,6 +84,7 @@ def describe_model(path: Path, pooling: str | None = None) -> ModelSpec:
         hidden_size=int(config.get("hidden_size") or config.get("d_model") or 0),
         prompts=_prompts(path),
         architectures=architectures,
+        name=name,
     )
 
 
@@ -95,7 +101,7 @@ def _kind_and_labels(
     return (ModelKind.RERANKER if len(labels) == 1 else ModelKind.CLASSIFIER), labels
 
 
-def _pooling_from_sentence_transformers(path: Path) -> str:
+def _pooling_from_sentence_transformers(path: Path, name: str) -> str:
     pool = _read_json(path / "1_Pooling" / "config.json")
     if pool is None:
         log.warning(
@@ -108,7 +114,9 @@ def _pooling_from_sentence_transformers(path: Path) -> str:
         return "mean"
     if pool.get("pooling_mode_lasttoken"):
         return "last-token"
-    raise StartupError(f"pooling configuration {pool} in {path / '1_Pooling'} is not supported")
+    raise StartupError(
+        f"pooling configuration {pool} in 1_Pooling/config.json of model '{name}' is not supported"
+    )
 
 
 def _max_input_length(path: Path, config: dict[str, Any]) -> int:

@@ -38,6 +38,11 @@ from multiplexer.routing import Router, RoutingError
 from multiplexer.wire import Target, WireError, split_wrapper
 
 SERVICE_NAME = "tei_multiplexer.v1.TeiMultiplexer"
+# The largest message an instance takes: TEI's gRPC server keeps tonic's default of 4 MiB
+# (its --payload-limit is for the HTTP build only), and localtei takes as much. A larger
+# request is refused here, naming the limit, instead of reaching the instance to be
+# refused there with a transport error.
+INSTANCE_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 ARROW_METHODS = ("EmbedArrow", "EmbedSparseArrow")
 _HOP_BY_HOP = frozenset({"user-agent", "content-type", "te", "host", "authority"})
 
@@ -114,6 +119,7 @@ class Forwarder:
             instance, failure, response = UNROUTED, None, b""
             try:
                 target, inner = split_wrapper(request)
+                check_size(inner)
                 timeout = self._deadline(context)
                 route = await self.router.acquire(target, timeout)  # may queue
                 instance = route.name
@@ -147,6 +153,7 @@ class Forwarder:
                         grpc.StatusCode.INVALID_ARGUMENT, "the stream carried no request: no target"
                     )
                 target, inner = split_wrapper(first)
+                check_size(inner)
                 # One slot for the whole call: the instance answers once, at the end.
                 route = await self.router.acquire(target, self._deadline(context))
                 instance = route.name
@@ -181,6 +188,7 @@ class Forwarder:
                 first = await anext(incoming, None)
                 if first is not None:
                     target, inner = split_wrapper(first)
+                    check_size(inner)
                     route = self.router.choose(target)
                     instance = route.name
                     # A slot per message in flight, taken before each goes out.
@@ -230,7 +238,7 @@ class Forwarder:
             else:
                 # The rows go as one stream: the instance keeps many in flight and batches
                 # them as its queue allows; each row in flight holds an admission slot.
-                rows = [kind.row(text, message) for text in texts]
+                rows = [check_size(kind.row(text, message)) for text in texts]
                 replies = await self.calls.stream(
                     route, kind.upstream_path, rows, self._deadline(context), _metadata(context)
                 )
@@ -300,11 +308,22 @@ class _TooLarge(Exception):
     pass
 
 
+def check_size(inner: bytes) -> bytes:
+    """`inner`, unless it is larger than an instance takes (RESOURCE_EXHAUSTED)."""
+    if len(inner) > INSTANCE_MAX_MESSAGE_BYTES:
+        raise _TooLarge(
+            f"the request of {len(inner)} bytes is larger than the {INSTANCE_MAX_MESSAGE_BYTES} "
+            "bytes (4 MiB) an instance takes in one message: send less per call"
+        )
+    return inner
+
+
 class InnerStream:
     """A client's stream as the instance gets it: the inner request of each wrapper (a
-    malformed one, or one refused admission, ends it and is kept in `bad`, raised once the
-    call is over), how many answers the instance owes for it, silent since when, and the
-    admission slots it holds (bidirectional streams: one per message in flight)."""
+    malformed or oversized one, or one refused admission, ends it and is kept in `bad`,
+    raised once the call is over), how many answers the instance owes for it, silent since
+    when, and the admission slots it holds (bidirectional streams: one per message in
+    flight)."""
 
     __slots__ = ("answer_per_request", "bad", "first", "incoming", "owed", "since", "slots")
 
@@ -319,7 +338,7 @@ class InnerStream:
         # Bidirectional: one answer per request. Client stream: one, once the client is done.
         self.answer_per_request = answer_per_request
         self.slots = slots
-        self.bad: WireError | AdmissionError | None = None
+        self.bad: WireError | _TooLarge | AdmissionError | None = None
         self.owed = 0
         self.since = time.monotonic()
 
@@ -331,8 +350,8 @@ class InnerStream:
             yield self.first
             async for message in self.incoming:
                 try:
-                    inner = split_wrapper(message)[1]
-                except WireError as exc:
+                    inner = check_size(split_wrapper(message)[1])
+                except (WireError, _TooLarge) as exc:
                     self.bad = exc
                     return
                 if not await self._admitted():

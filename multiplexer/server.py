@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
+from localtei.handlers import add_health_and_reflection
 from multiplexer.channels import ChannelPool
 from multiplexer.forwarding import SERVICE_NAME, Forwarder
 from multiplexer.http.server import HttpServer
@@ -29,7 +29,6 @@ from multiplexer.routing import Router, RoutingTable
 from multiplexer.tls import SubjectCheck, server_credentials
 from teimanager.config import Config, MtlsConfig
 
-HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LOOP_KINDS = ("auto", "uvloop", "asyncio")
 
 
@@ -134,10 +133,8 @@ class MultiplexerServer:
             max_message_bytes=options.max_message_bytes,
         )
         server.add_generic_rpc_handlers((forwarder.generic_handler(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        # Health and reflection answer a request that does not parse with INVALID_ARGUMENT.
+        add_health_and_reflection(server, self.health, (SERVICE_NAME,))
         address = f"{options.host}:{options.port}"
         if options.mtls.enabled:
             self.port = server.add_secure_port(address, server_credentials(options.mtls))

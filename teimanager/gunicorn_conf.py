@@ -1,12 +1,13 @@
 """gunicorn settings for `web`: the port comes from the TEI Manager config (api_port /
-TEI_MANAGER_API_PORT); 127.0.0.1 unless TEI_MANAGER_BIND says otherwise."""
+TEI_MANAGER_API_PORT); 127.0.0.1 unless TEI_MANAGER_BIND says otherwise. A bad value
+stops gunicorn here, in the master, with one line and exit status 2."""
 
-import os
+from teimanager.config import load_config_or_exit
 
-from teimanager.config import load_config
+_config = load_config_or_exit()
 
-bind = f"{os.environ.get('TEI_MANAGER_BIND', '127.0.0.1')}:{load_config().api_port}"
-workers = int(os.environ.get("TEI_MANAGER_WEB_WORKERS", "2"))
+bind = f"{_config.bind}:{_config.api_port}"
+workers = _config.web_workers
 threads = 4
 accesslog = "-"
 timeout = 60
@@ -14,7 +15,7 @@ timeout = 60
 
 def child_exit(server: object, worker: object) -> None:
     # Several gunicorn workers share the metrics files in PROMETHEUS_MULTIPROC_DIR.
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if _config.prometheus_multiproc_dir:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]

@@ -1,36 +1,26 @@
-"""Django settings for TEI Manager. Every value comes from the environment or the config file."""
+"""Django settings for TEI Manager. Every value comes from teimanager/config.py."""
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 from pathlib import Path
 
 import dj_database_url
 
-from teimanager.config import ConfigError, coerce, load_config
+from teimanager.config import load_config_or_exit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
+# Every value below comes from here (teimanager/config.py): a bad one stops start-up with
+# "TEI Manager configuration error: ..." and exit status 2, whichever process reads it.
+TEI = load_config_or_exit()
+DEBUG = TEI.debug
+# A worker that exits stops its node's instances (Ctrl-C on `make run` leaves nothing).
+STOP_INSTANCES_ON_EXIT = TEI.stop_instances_on_exit
 
-def envbool(name: str, default: str) -> bool:
-    """A boolean environment variable, read as the config file's booleans are."""
-    return bool(coerce(name, os.environ.get(name) or default, bool))
-
-
-try:
-    TEI = load_config()
-    DEBUG = envbool("DEBUG", "false")
-    # A worker that exits stops its node's instances (Ctrl-C on `make run` leaves nothing).
-    STOP_INSTANCES_ON_EXIT = envbool("TEI_MANAGER_STOP_INSTANCES_ON_EXIT", "true")
-except ConfigError as exc:
-    sys.stderr.write(f"TEI Manager configuration error: {exc}\n")
-    raise SystemExit(2) from None
-
-SECRET_KEY = os.environ.get("SECRET_KEY", "tei-manager-insecure-dev-key-set-SECRET_KEY-in-prod")
-ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "*").split(",")
-CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+SECRET_KEY = TEI.secret_key
+ALLOWED_HOSTS = list(TEI.allowed_hosts)
+CSRF_TRUSTED_ORIGINS = list(TEI.csrf_trusted_origins)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -81,8 +71,8 @@ TEMPLATES = [
 # SQLite by default: four processes write to it, so WAL, a busy timeout and IMMEDIATE
 # transactions (a writer takes the lock up front instead of failing on upgrade).
 STATE_FILE = Path(TEI.state_file)
-if os.environ.get("DATABASE_URL"):
-    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60)}
+if TEI.database_url:
+    DATABASES = {"default": dj_database_url.parse(TEI.database_url, conn_max_age=60)}
 else:
     DATABASES = {
         "default": {
@@ -93,7 +83,7 @@ else:
                 "transaction_mode": "IMMEDIATE",
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
-            "TEST": {"NAME": os.environ.get("TEI_MANAGER_TEST_DB") or None},
+            "TEST": {"NAME": TEI.test_db or None},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -104,7 +94,7 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 # Only for `collectstatic`: whitenoise serves from the apps (a missing root is a warning).
-STATIC_ROOT = os.environ.get("TEI_MANAGER_STATIC_ROOT") or None
+STATIC_ROOT = TEI.static_root or None
 # gunicorn serves the admin's static files itself, straight from the apps: no collectstatic.
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
@@ -112,9 +102,9 @@ WHITENOISE_AUTOREFRESH = DEBUG
 LOG_DIR = Path(TEI.log_dir)
 # The host this process runs on: instances created here belong to it, and its worker
 # consumes the queue `node.<NODE_NAME>`.
-NODE_NAME = os.environ.get("TEI_MANAGER_NODE", "") or socket.gethostname()
+NODE_NAME = TEI.node or socket.gethostname()
 # The address the multiplexer and the health check dial for this node's instances.
-INSTANCE_HOST = os.environ.get("TEI_MANAGER_INSTANCE_HOST", "127.0.0.1")
+INSTANCE_HOST = TEI.instance_host
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
@@ -131,8 +121,8 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
 }
 
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
-CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "celery")
+CELERY_BROKER_URL = TEI.celery_broker_url
+CELERY_TASK_DEFAULT_QUEUE = TEI.celery_task_default_queue
 # A broker outage must not hang an API request: the next reconcile tick does the work.
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2}
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout": 5}
@@ -154,7 +144,7 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": TEI.log_level.upper()},
 }
 
 CELERY_BEAT_SCHEDULE = {

@@ -3,6 +3,8 @@ script that runs this). What it does depends on the model id:
 
 - `crash/...`: prints an error and exits 1 at once (a crash-looping binary);
 - `hang/...`: never becomes healthy (a start that outlives its timeout);
+- `chatty/<n>`: writes n numbered lines (`line 000001 ...`) at once, then serves as below,
+  and writes a last line, `stopped after <n> lines`, on SIGTERM;
 - anything else: serves grpc.health.v1 (SERVING) on --port until SIGTERM.
 """
 
@@ -27,7 +29,15 @@ def main(argv: list[str]) -> None:
     if args.model_id.startswith("hang/"):
         while True:
             time.sleep(1)
+    goodbye = ""
+    if args.model_id.startswith("chatty/"):
+        count = int(args.model_id.split("/", 1)[1])
+        sys.stdout.writelines(f"line {i:06d} {'x' * 40}\n" for i in range(1, count + 1))
+        sys.stdout.flush()
+        goodbye = f"stopped after {count} lines"
     serve_health(args.port)
+    if goodbye:
+        print(goodbye, flush=True)
 
 
 def serve_health(port: int) -> None:

@@ -297,7 +297,7 @@ def test_it_shows_the_api_validation_errors_on_their_fields(admin_client: Client
     assert rest["code"] == "VALIDATION_ERROR"
     assert rest["error"] == f"name: {errors['name'][0]}"
     assert errors["port"] == ["must be between 1024 and 65535"]
-    assert errors["extra_args"] == ["--port is set by the manager"]
+    assert errors["extra_args"] == ["--port is set by the manager (the port field)"]
     assert not Instance.objects.exists()
 
 

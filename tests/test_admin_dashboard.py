@@ -11,7 +11,7 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from instances import dashboard, gpu
+from instances import dashboard, gpu, health
 from instances.models import Heartbeat, Instance
 from tests.fake_nvml import use_fake_gpus
 
@@ -110,40 +110,44 @@ def test_it_says_no_gpu_detected_on_a_machine_without_one(admin_client: Client) 
     assert "No NVIDIA GPU detected" in admin_client.get(INDEX).content.decode()
 
 
-def test_it_reports_every_part_with_a_reason(admin_client: Client) -> None:
+def test_it_reports_every_part_with_a_reason(admin_client: Client, settings: Any) -> None:
     parts = {p.name: p for p in dashboard.parts_health()}
-    assert list(parts) == ["Database", "Broker", "Worker", "Beat", "Multiplexer"]
+    worker = f"Worker {settings.NODE_NAME}"
+    assert list(parts) == ["Database", "Broker", "Beat", "Reconcile", worker, "Multiplexer"]
     assert parts["Database"].ok is True
     page = admin_client.get(INDEX).content.decode()
     for name in parts:
         assert f'<th scope="row">{name}</th>' in page
 
 
-def test_it_counts_worker_and_beat_alive_from_a_fresh_reconcile_heartbeat(
-    admin_client: Client,
-) -> None:
+def test_it_counts_beat_and_reconcile_alive_from_fresh_heartbeats(admin_client: Client) -> None:
+    beat("beat", timezone.now() - timedelta(seconds=2))
     beat("reconcile", timezone.now() - timedelta(seconds=2))
     parts = {p.name: p for p in dashboard.parts_health()}
-    assert parts["Worker"].ok is True
     assert parts["Beat"].ok is True
-    assert "last reconcile 2s ago" in parts["Beat"].detail
+    assert parts["Reconcile"].ok is True
+    assert "last heartbeat 2s ago" in parts["Beat"].detail
 
 
-def test_it_flags_a_stale_reconcile_heartbeat(admin_client: Client, settings: Any) -> None:
-    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens: no ping either
+def test_it_flags_a_stale_reconcile_heartbeat(
+    admin_client: Client, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(health, "PROCESS_STARTED_AT", timezone.now() - timedelta(hours=2))
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens
     beat("reconcile", timezone.now() - timedelta(hours=1))
     parts = {p.name: p for p in dashboard.parts_health()}
     assert parts["Broker"].ok is False
     assert "does not answer" in parts["Broker"].detail
-    assert parts["Worker"].ok is None
-    assert "last reconcile 1\xa0hour ago" in parts["Beat"].detail
+    assert parts["Reconcile"].ok is False
+    assert "last heartbeat 1\xa0hour ago" in parts["Reconcile"].detail
+    assert "is a worker up" in parts["Reconcile"].detail
 
 
-def test_it_reports_the_multiplexer_down_when_nothing_answers(settings: Any) -> None:
-    settings.TEI = dataclasses.replace(settings.TEI, grpc_port=1, grpc_enabled=True)
+def test_it_says_the_multiplexer_is_disabled(settings: Any) -> None:
+    settings.TEI = dataclasses.replace(settings.TEI, grpc_enabled=False)
     multiplexer = dashboard.parts_health()[-1]
-    assert multiplexer.ok is False
-    assert "127.0.0.1:1 does not answer" in multiplexer.detail
+    assert (multiplexer.name, multiplexer.ok) == ("Multiplexer", None)
+    assert "disabled" in multiplexer.detail
 
 
 def test_it_hides_the_broker_password(settings: Any) -> None:

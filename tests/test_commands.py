@@ -52,18 +52,54 @@ def test_it_names_the_seed_that_is_invalid(settings: Any) -> None:
         run("seed_instances")
 
 
-def test_it_creates_the_superuser_from_the_environment(monkeypatch: Any) -> None:
-    monkeypatch.setenv("DJANGO_SUPERUSER_USERNAME", "boss")
-    monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "s3cret-pass")
+def test_a_seed_takes_every_create_field(settings: Any) -> None:
+    seed = {
+        "name": "tuned",
+        "model_id": "org/model",
+        "auto_truncate": False,
+        "pooling": "mean",
+        "max_batch_tokens": 2048,
+        "max_concurrent_requests": 8,
+        "startup_timeout_secs": 60,
+        "extra_args": ["--dtype", "float32"],
+    }
+    settings.TEI = dataclasses.replace(settings.TEI, instances=(seed,))
+    run("seed_instances")
+    instance = Instance.objects.get(name="tuned")
+    assert {key: getattr(instance, key) for key in seed} == seed
+
+
+@pytest.mark.parametrize(
+    ("seeds", "key"),
+    [
+        (({"name": "a"},), "instances[0].model_id"),
+        (({"name": "a", "model_id": "m", "colour": "red"},), "instances[0].colour"),
+        (({"name": "a", "model_id": "m", "auto_truncate": "so"},), "instances[0].auto_truncate"),
+        (({"name": "a", "model_id": "m", "extra_args": ["-p", "1"]},), "instances[0].extra_args"),
+        (({"name": "a", "model_id": "m"}, {"name": "a", "model_id": "n"}), "instances[1].name"),
+    ],
+)
+def test_it_names_the_key_of_a_bad_seed_and_creates_none(
+    settings: Any, seeds: tuple[dict[str, Any], ...], key: str
+) -> None:
+    settings.TEI = dataclasses.replace(settings.TEI, instances=seeds)
+    with pytest.raises(CommandError, match=re.escape(f"config key '{key}'")):
+        run("seed_instances")
+    assert not Instance.objects.exists()
+
+
+def test_it_creates_the_superuser_from_the_environment(settings: Any) -> None:
+    settings.TEI = dataclasses.replace(
+        settings.TEI, superuser_username="boss", superuser_password="s3cret-pass"
+    )
     assert "Created superuser 'boss'" in run("ensure_superuser")
     user = get_user_model().objects.get(username="boss")
     assert user.is_superuser and user.check_password("s3cret-pass")
     assert "exists already" in run("ensure_superuser")
 
 
-def test_it_generates_and_prints_a_password_once(monkeypatch: Any) -> None:
-    monkeypatch.delenv("DJANGO_SUPERUSER_USERNAME", raising=False)
-    monkeypatch.delenv("DJANGO_SUPERUSER_PASSWORD", raising=False)
+def test_it_generates_and_prints_a_password_once(settings: Any) -> None:
+    settings.TEI = dataclasses.replace(settings.TEI, superuser_username="admin")
     output = run("ensure_superuser")
     password = re.search(r"password: (\S+)", output)
     assert password is not None

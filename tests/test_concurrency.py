@@ -3,14 +3,18 @@ no 500 and no "database is locked"."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psutil
 import pytest
 
 from instances.models import Instance
@@ -93,3 +97,142 @@ def test_a_transition_that_forgets_the_pid_forgets_its_start_time_too() -> None:
     stored = Instance.objects.get(pk=row.pk)
     assert (stored.status, stored.pid, stored.process_started_at) == (Status.FAILED, None, None)
     assert row.process_started_at is None
+
+
+def test_racing_restarts_leave_exactly_one_tracked_process(
+    live_server: Any, manager_worker: Any
+) -> None:
+    from instances import services
+    from instances.models import Status
+    from tests.conftest import wait_for_status, wait_until
+
+    services.create_instance(name="restarted", model_id="sentence-transformers/all-MiniLM-L6-v2")
+    port = wait_for_status("restarted", Status.RUNNING).port
+
+    def restart(barrier: threading.Barrier) -> int:
+        barrier.wait()
+        return post(f"{live_server.url}/instances/restarted/restart")[0]
+
+    for _ in range(3):
+        barrier = threading.Barrier(4)
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(restart, [barrier] * 4)) == [200] * 4
+        time.sleep(0.3)
+
+    def settled() -> Instance | None:
+        row = Instance.objects.get(name="restarted")
+        live = instance_processes(port)
+        if row.status == Status.RUNNING and live == {row.pid}:
+            return row
+        assert row.status != Status.FAILED, row.last_error
+        return None
+
+    row = wait_until(settled, 120, "one running process, the tracked one")
+    assert listener(port) == row.pid
+    # It stays that way: no second process fighting for the port, no crash loop.
+    ticks = Instance.objects.get(name="restarted").last_health_check
+    wait_until(
+        lambda: Instance.objects.get(name="restarted").last_health_check > ticks, 10, "a tick"
+    )
+    time.sleep(2)
+    final = Instance.objects.get(name="restarted")
+    assert (final.status, final.pid) == (Status.RUNNING, row.pid)
+    assert instance_processes(port) == {row.pid} and listener(port) == row.pid
+
+
+def instance_processes(port: int) -> set[int]:
+    """Live localtei processes serving `port` on this host."""
+    found = set()
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or cmdline[1:3] != ["-m", "localtei"]:
+            continue
+        if any(pair == ("--port", str(port)) for pair in itertools.pairwise(cmdline)):
+            found.add(proc.pid)
+    return found
+
+
+def listener(port: int) -> int | None:
+    """The pid listening on `port`, if any."""
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            return conn.pid
+    return None
+
+
+def test_a_restart_counts_only_a_process_that_ran(nowhere: None, settings: Any) -> None:
+    from instances import services
+    from instances.models import Status
+
+    rows = {
+        "fresh": {"status": Status.PENDING},  # just created: never ran
+        "spawning": {"status": Status.STARTING},  # claimed, no process yet
+        "loading": {"status": Status.STARTING, "pid": 4242},
+        "serving": {"status": Status.RUNNING, "pid": 4243},
+        "parked": {"status": Status.STOPPED},
+    }
+    for offset, (name, fields) in enumerate(rows.items()):
+        Instance.objects.create(
+            name=name, model_id="m", port=45200 + offset, prometheus_port=45300 + offset,
+            node=settings.NODE_NAME, **fields,
+        )  # fmt: skip
+    for name in rows:
+        services.restart_instance(name)
+    counted = dict(Instance.objects.values_list("name", "restarts"))
+    assert counted == {"fresh": 0, "spawning": 0, "loading": 1, "serving": 1, "parked": 0}
+    assert set(Instance.objects.values_list("status", flat=True)) == {Status.PENDING}
+
+
+def test_a_delete_records_the_pid_a_launch_saved_just_before(
+    nowhere: None, settings: Any, monkeypatch: Any
+) -> None:
+    from instances import process, services, supervisor
+    from instances.models import OrphanProcess, Status
+
+    Instance.objects.create(
+        name="doomed", model_id="m", port=45400, prometheus_port=45401,
+        node=settings.NODE_NAME, status=Status.STARTING,
+    )  # fmt: skip
+    read_before_the_save = Instance.objects.get(name="doomed")
+    sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    started = psutil.Process(sleeper.pid).create_time()
+    Instance.objects.filter(name="doomed").update(pid=sleeper.pid, process_started_at=started)
+    # The delete looked the row up before that save landed.
+    monkeypatch.setattr(services, "get_instance", lambda name: read_before_the_save)
+    try:
+        services.delete_instance("doomed")
+        [orphan] = OrphanProcess.objects.all()
+        assert (orphan.pid, orphan.process_started_at) == (sleeper.pid, started)
+        supervisor.kill_orphan(orphan.pk)
+        assert not OrphanProcess.objects.exists() and not process.is_alive(sleeper.pid, started)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_launch_whose_row_was_deleted_meanwhile_kills_its_process(
+    nowhere: None, settings: Any, monkeypatch: Any
+) -> None:
+    import dataclasses
+
+    from instances import process, services, supervisor
+    from instances.models import OrphanProcess
+    from tests.conftest import FAKE_TEI
+
+    settings.TEI = dataclasses.replace(settings.TEI, tei_binary_path=str(FAKE_TEI))
+    row = Instance.objects.create(
+        name="vanishing", model_id="fake/m", port=45500, prometheus_port=45501,
+        node=settings.NODE_NAME,
+    )  # fmt: skip
+    spawn, spawned = process.spawn, []
+
+    def spawn_then_delete(*args: Any, **kwargs: Any) -> process.Spawned:
+        spawned.append(spawn(*args, **kwargs))
+        services.delete_instance("vanishing")  # the row had no pid yet: no orphan recorded
+        return spawned[0]
+
+    monkeypatch.setattr(process, "spawn", spawn_then_delete)
+    supervisor.launch(row.pk)
+    process.reap_children()
+    assert not process.is_alive(spawned[0].pid, spawned[0].create_time)
+    assert not Instance.objects.exists() and not OrphanProcess.objects.exists()

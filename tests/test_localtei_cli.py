@@ -90,3 +90,25 @@ def test_it_accepts_teis_other_flags(flag: str) -> None:
     from localtei.cli import parse_args
 
     assert parse_args([flag, "value"]).model_id == MINILM_ID
+
+
+def test_it_names_a_model_without_the_hosts_paths(tmp_path: Path) -> None:
+    # A directory that holds no model, named relative to the working directory: the error
+    # names it as given, not by its absolute path.
+    result = run_localtei("--model-id", "tests", "--port", str(free_port()))
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "model 'tests' is not loadable: no readable config.json" in output
+    assert str(REPO_ROOT) not in output
+    # Nowhere to be found: the cache is named by the setting that chose it.
+    env = {**localtei_env(), "HF_HOME": str(tmp_path / "hf-home")}
+    missing = subprocess.run(
+        [sys.executable, "-m", "localtei", "--model-id", "org/absent", "--port", str(free_port())],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Hugging Face cache (HF_HOME/hub, offline)" in missing.stdout + missing.stderr
+    assert str(tmp_path) not in missing.stdout + missing.stderr

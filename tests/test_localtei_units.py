@@ -9,16 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from instances.launch import ROUTER_FLAGS
 from localtei.cli import parse_args
 from localtei.errors import StartupError
 from localtei.jobs import Job, Task
 from localtei.lookup import find_model
+from localtei.server import listen_address
 from localtei.spec import ModelKind, describe_model
 from localtei.tokenization import Encoded
 from tests.localtei_fixtures import MINILM_ID, build_hf_cache, minilm_path
 
 
 def test_flags_default_as_tei_and_fall_back_to_teis_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MODEL_ID", "PORT", "AUTO_TRUNCATE", "HOSTNAME", "POOLING", "API_KEY"):
+        monkeypatch.delenv(name, raising=False)
     defaults = parse_args([])
     assert (defaults.port, defaults.hostname, defaults.prometheus_port) == (3000, "0.0.0.0", 9000)
     assert (defaults.max_batch_tokens, defaults.max_concurrent_requests) == (16384, 512)
@@ -26,11 +30,35 @@ def test_flags_default_as_tei_and_fall_back_to_teis_env(monkeypatch: pytest.Monk
     monkeypatch.setenv("MODEL_ID", "some/model")
     monkeypatch.setenv("PORT", "8123")
     monkeypatch.setenv("AUTO_TRUNCATE", "true")
-    monkeypatch.setenv("HOSTNAME", "a-machine-name")  # the shell's, not an address
+    monkeypatch.setenv("HOSTNAME", "127.0.0.2")
+    monkeypatch.setenv("POOLING", "cls")
+    monkeypatch.setenv("API_KEY", "k")
     from_env = parse_args([])
     assert (from_env.model_id, from_env.port, from_env.auto_truncate) == ("some/model", 8123, True)
-    assert from_env.hostname == "0.0.0.0"
+    assert (from_env.hostname, from_env.pooling, from_env.api_key) == ("127.0.0.2", "cls", "k")
     assert parse_args(["--port", "9"]).port == 9  # a flag beats the environment
+    assert parse_args(["--hostname", "127.0.0.1"]).hostname == "127.0.0.1"
+    assert parse_args(["--auto-truncate", "false"]).auto_truncate is False
+    monkeypatch.setenv("AUTO_TRUNCATE", "false")
+    assert parse_args([]).auto_truncate is False
+    assert parse_args(["--auto-truncate"]).auto_truncate is True
+
+
+def test_it_listens_where_tei_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A container's HOSTNAME is its name: TEI does not resolve it, it listens everywhere.
+    monkeypatch.setenv("HOSTNAME", "a1b2c3d4e5f6")
+    assert listen_address(parse_args([]).hostname) == "0.0.0.0"
+    assert listen_address("127.0.0.1") == "127.0.0.1"
+    assert listen_address("::1") == "::1"
+
+
+def test_it_accepts_every_flag_of_the_router() -> None:
+    values = {"--dtype": "float32", "--pooling": "mean", "--auto-truncate": "true"}
+    for flag in ROUTER_FLAGS:
+        if flag in ("--json-output", "--disable-spans"):
+            parse_args([flag])
+        else:
+            parse_args([flag, values.get(flag, "1")])
 
 
 def test_default_prompt_flags_exclude_each_other() -> None:

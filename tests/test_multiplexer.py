@@ -7,6 +7,7 @@ each test inserts its Instance rows and waits until the multiplexer's table show
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -922,7 +923,7 @@ def test_the_event_loop_is_uvloop_unless_asked_otherwise() -> None:
 
 
 def test_its_metrics_reach_the_control_plane_scrape(
-    rows: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    rows: dict[str, Any], tmp_path: Any, settings: Any
 ) -> None:
     """With PROMETHEUS_MULTIPROC_DIR (as `make run` sets it) the control plane's /metrics
     carries the multiplexer's series."""
@@ -943,7 +944,7 @@ def test_its_metrics_reach_the_control_plane_scrape(
             for _ in range(3):
                 stub.Embed(request, wait_for_ready=True, timeout=10)
             rpc_error(lambda: stub.Embed(mux.EmbedRequest(target=target("nobody")), timeout=10))
-        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        settings.TEI = dataclasses.replace(settings.TEI, prometheus_multiproc_dir=str(tmp_path))
         scrape = render()[0].decode()
     finally:
         process.send_signal(signal.SIGTERM)

@@ -1,4 +1,5 @@
-"""Instance processes: the launch contract, no shell, own process group, no orphans."""
+"""Instance processes: no shell, own process group, no orphans (the launch contract:
+tests/test_launch.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from instances import process
+from instances import logs, process
 from instances.models import Instance
 
 
@@ -17,39 +18,6 @@ def make_instance(**fields: object) -> Instance:
     values: dict[str, object] = {"name": "p", "model_id": "org/model", "port": 8080}
     values |= {"prometheus_port": 9100, **fields}
     return Instance(**values)
-
-
-def test_it_builds_the_launch_contract() -> None:
-    command = process.build_command(
-        make_instance(pooling="splade", extra_args=["--dtype", "float16"]), ""
-    )
-    assert command[:3] == [sys.executable, "-m", "localtei"]
-    assert command[3:] == [
-        "--model-id", "org/model", "--port", "8080", "--max-batch-tokens", "16384",
-        "--max-concurrent-requests", "512", "--json-output", "--prometheus-port", "9100",
-        "--pooling", "splade", "--auto-truncate", "--dtype", "float16",
-    ]  # fmt: skip
-    plain = process.build_command(make_instance(auto_truncate=False), "")
-    assert "--pooling" not in plain and "--auto-truncate" not in plain
-
-
-def test_it_uses_tei_binary_path_only_when_it_is_executable(tmp_path: Path) -> None:
-    router = tmp_path / "text-embeddings-router"
-    router.write_text("#!/bin/sh\n")
-    assert process.binary_command(str(router))[0] == sys.executable
-    router.chmod(0o755)
-    assert process.binary_command(str(router)) == [str(router)]
-    assert process.binary_command("")[1:] == ["-m", "localtei"]
-
-
-def test_it_pins_the_gpu_and_keeps_the_environment(monkeypatch: object) -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    assert process.build_env(make_instance(gpu_id=3))["CUDA_VISIBLE_DEVICES"] == "3"
-    env = process.build_env(make_instance())
-    assert env["HF_HUB_OFFLINE"] == "1"
-    assert "CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] == os.environ.get(
-        "CUDA_VISIBLE_DEVICES"
-    )
 
 
 def test_it_passes_arguments_verbatim_and_stops_the_whole_group(tmp_path: Path) -> None:
@@ -91,5 +59,5 @@ def test_it_passes_arguments_verbatim_and_stops_the_whole_group(tmp_path: Path) 
 
 def test_it_tails_the_log(tmp_path: Path) -> None:
     (tmp_path / "t.log").write_text("".join(f"{i}\n" for i in range(100)))
-    assert process.tail(tmp_path / "t.log", 3) == ["97", "98", "99"]
-    assert process.tail(tmp_path / "missing.log", 3) == []
+    assert logs.tail(tmp_path, "t", 3) == ["97", "98", "99"]
+    assert logs.tail(tmp_path, "missing", 3) == []

@@ -1,18 +1,34 @@
-"""The reconcile tick (Celery beat, every second in tests): repair, back-off, give up."""
+"""The reconcile tick (Celery beat, every second in tests): repair, back-off, give up; it
+decides and enqueues, and never waits for a process itself."""
 
 from __future__ import annotations
 
+import base64
+import collections
 import dataclasses
+import json
 import os
 import signal
+import subprocess
+from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
+import redis
 from django.utils import timezone
 
-from instances import process, services, supervisor
+from instances import process, services, supervisor, tasks
 from instances.models import DesiredState, Heartbeat, Instance, OrphanProcess, Status
-from tests.conftest import Worker, wait_for_new_process, wait_for_status, wait_until
+from tests.conftest import (
+    FAKE_TEI,
+    SESSION_ID,
+    TEST_BROKER_URL,
+    Worker,
+    wait_for_new_process,
+    wait_for_status,
+    wait_until,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -149,3 +165,106 @@ def _free_port(offset: int = 0) -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1]) + offset
+
+
+@pytest.fixture
+def idle_node() -> Iterator[str]:
+    """A node no worker serves: what a tick enqueues for it stays in its queue."""
+    node = f"idle-{SESSION_ID}"
+    yield node
+    client = redis.Redis.from_url(TEST_BROKER_URL)
+    for key in client.scan_iter(f"*{node}*"):
+        client.delete(key)
+
+
+def queued(node: str) -> collections.Counter[tuple[str, int]]:
+    """(task name, pk) of every instance task waiting in `node`'s queue (a running beat
+    also sends its ticks there)."""
+    client = redis.Redis.from_url(TEST_BROKER_URL)
+    found: collections.Counter[tuple[str, int]] = collections.Counter()
+    for raw in client.lrange(tasks.node_queue(node), 0, -1):
+        message = json.loads(raw)
+        name = message["headers"]["task"].rsplit(".", 1)[1]
+        if name != "reconcile_node":
+            found[(name, json.loads(base64.b64decode(message["body"]))[0][0])] += 1
+    return found
+
+
+def test_a_tick_decides_and_enqueues_without_spawning_or_stopping(
+    idle_node: str, settings: Any
+) -> None:
+    # Any process spawned here by mistake would be a fake router that crashes at once.
+    settings.TEI = dataclasses.replace(settings.TEI, tei_binary_path=str(FAKE_TEI))
+    sleepers = [subprocess.Popen(["sleep", "600"], start_new_session=True) for _ in range(10)]
+    children = {child.pid for child in psutil.Process().children()}
+    now = timezone.now()
+    long_ago = now - timezone.timedelta(seconds=60)
+    rows = [
+        *[dict(status=Status.RUNNING, pid=2**22 + i, process_started_at=1.0) for i in range(40)],
+        *[dict(status=Status.PENDING) for _ in range(30)],
+        *[dict(status=Status.STARTING, started_at=long_ago, launch_token="lost")] * 20,
+        *[
+            dict(status=Status.RUNNING, desired_state=DesiredState.STOPPED, pid=sleeper.pid,
+                 process_started_at=psutil.Process(sleeper.pid).create_time())
+            for sleeper in sleepers
+        ],
+    ]  # fmt: skip
+    Instance.objects.bulk_create(
+        Instance(name=f"tick-{i:03d}", model_id="crash/tick", port=50000 + i,
+                 prometheus_port=51000 + i, node=idle_node, **fields)
+        for i, fields in enumerate(rows)
+    )  # fmt: skip
+    Instance.objects.filter(status=Status.PENDING).update(updated_at=long_ago)
+    pks = list(Instance.objects.order_by("name").values_list("pk", flat=True))
+    try:
+        tasks.reconcile_node(idle_node)
+
+        expected = collections.Counter(("launch_instance", pk) for pk in pks[:90])
+        expected.update(("stop_instance", pk) for pk in pks[90:])
+        assert queued(idle_node) == expected
+        after = {i.pk: i for i in Instance.objects.filter(node=idle_node)}
+        assert [after[pk].status for pk in pks] == [Status.PENDING] * 90 + [Status.STOPPING] * 10
+        assert [after[pk].restarts for pk in pks] == [1] * 40 + [0] * 30 + [1] * 20 + [0] * 10
+        assert all("exited" in after[pk].last_error for pk in pks[:40])
+        assert all("launch lost" in after[pk].last_error for pk in pks[70:90])
+        # Nothing was spawned, and what should stop still runs until its stop task comes.
+        assert {child.pid for child in psutil.Process().children()} == children
+        assert all(sleeper.poll() is None for sleeper in sleepers)
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
+
+
+def test_it_leaves_a_launch_in_progress_alone_and_relaunches_a_lost_one(
+    idle_node: str, settings: Any
+) -> None:
+    now = timezone.now()
+    for name, claimed in (("spawning", now), ("lost", now - timezone.timedelta(seconds=10))):
+        Instance.objects.create(
+            name=name, model_id="m", port=_free_port(), prometheus_port=_free_port(1),
+            node=idle_node, status=Status.STARTING, started_at=claimed, launch_token=name,
+        )  # fmt: skip
+    work = supervisor.reconcile_node(idle_node)
+    spawning, lost = Instance.objects.get(name="spawning"), Instance.objects.get(name="lost")
+    assert work == [supervisor.Work(supervisor.LAUNCH, lost.pk)]
+    assert (spawning.status, spawning.restarts, spawning.last_error) == (Status.STARTING, 0, "")
+    assert (lost.status, lost.restarts, lost.pid) == (Status.PENDING, 1, None)
+    assert lost.last_error.startswith("launch lost: no pid saved 10 s after the launch began")
+
+
+def test_it_relaunches_a_launch_lost_after_its_spawn(fake_worker: Worker, settings: Any) -> None:
+    # A pool process spawned the instance and died before it saved the pid.
+    row = Instance.objects.create(
+        name="stray", model_id="fake/model", port=_free_port(), prometheus_port=_free_port(1),
+        node=settings.NODE_NAME, status=Status.STARTING, launch_token="dead-worker",
+        started_at=timezone.now() - timezone.timedelta(seconds=30),
+    )  # fmt: skip
+    stray = process.spawn(row, str(FAKE_TEI), settings.LOG_DIR)
+    try:
+        running = wait_for_new_process("stray", stray.pid, 30, "a fresh start")
+        assert running.restarts == 1
+        assert f"stopping the process it left ({stray.pid})" in running.last_error
+        wait_until(lambda: not process.is_alive(stray.pid, stray.create_time), 10, "stray gone")
+    finally:
+        process.terminate(stray.pid, stray.create_time, 5)

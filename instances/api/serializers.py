@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, overload
 
@@ -17,20 +18,12 @@ from rest_framework import serializers
 
 from instances import gpu
 from instances.errors import InvalidGpuId, InvalidPort, ValidationFailed
+from instances.launch import refuse_managed_flags
 from instances.models import Instance, Pooling
+from teimanager.config import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_INT = 2**31 - 1
-# Flags the manager sets itself: a second copy in extra_args would clash or override them.
-MANAGED_FLAGS = (
-    "--model-id",
-    "--port",
-    "--prometheus-port",
-    "--max-batch-tokens",
-    "--max-concurrent-requests",
-    "--json-output",
-    "--pooling",
-)
 
 
 class StrictCharField(serializers.CharField):
@@ -107,12 +100,11 @@ class InstanceCreateSerializer(serializers.Serializer):
         return value or ""
 
     def validate_extra_args(self, value: list[str]) -> list[str]:
-        for arg in value:
-            flag = arg.split("=", 1)[0]
-            if flag in MANAGED_FLAGS:
-                raise serializers.ValidationError(f"{flag} is set by the manager")
-            if "\x00" in arg:
-                raise serializers.ValidationError("must not contain NUL characters")
+        if any("\x00" in arg for arg in value):
+            raise serializers.ValidationError("must not contain NUL characters")
+        refusal = refuse_managed_flags(value)
+        if refusal is not None:
+            raise serializers.ValidationError(refusal)
         return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +134,29 @@ def validation_error(errors: Any) -> ValidationFailed:
     if field == "non_field_errors":
         return kind(message)
     return kind(f"{field}: {message}")
+
+
+def validate_seeds(seeds: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The config file's `[[instances]]`, each validated as a create request; ConfigError
+    naming the key (`instances[1].auto_truncate`) for the first bad one."""
+    validated: list[dict[str, Any]] = []
+    first_index: dict[str, int] = {}
+    for index, seed in enumerate(seeds):
+        serializer = InstanceCreateSerializer(data=seed)
+        if not serializer.is_valid():
+            field = next(iter(serializer.errors))
+            key = f"instances[{index}]" + ("" if field == "non_field_errors" else f".{field}")
+            message = _first_message(serializer.errors[field])
+            raise ConfigError(f"config key '{key}': {message}")
+        name = serializer.validated_data["name"]
+        if name in first_index:
+            raise ConfigError(
+                f"config key 'instances[{index}].name': '{name}' is also the name of "
+                f"instances[{first_index[name]}]"
+            )
+        first_index[name] = index
+        validated.append(dict(serializer.validated_data))
+    return validated
 
 
 def _first_message(detail: Any) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -24,6 +23,7 @@ from instances.api.serializers import (
     validation_error,
 )
 from instances.errors import MethodNotAllowed, ValidationFailed
+from instances.health import evaluate as evaluate_health
 
 
 class InstanceList(APIView):
@@ -84,24 +84,28 @@ class InstanceLogs(APIView):
 
 
 class _HealthSerializer(serializers.Serializer):
-    status = serializers.CharField()
-    database = serializers.CharField()
+    status = serializers.ChoiceField(choices=["ok", "unhealthy"])
+    database = serializers.ChoiceField(choices=["ok", "unavailable"])
     heartbeats = serializers.DictField(child=serializers.DateTimeField(allow_null=True))
+    stale = serializers.ListField(child=serializers.CharField())
+    starting = serializers.ListField(child=serializers.CharField())
 
 
-@extend_schema(responses=_HealthSerializer)
+@extend_schema(responses={200: _HealthSerializer, 503: _HealthSerializer})
 @api_view(["GET"])
 def health(request: Request) -> Response:
-    """Liveness of the web process and its database, plus the background heartbeats."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-    beats = services.heartbeats()
+    """200 when the database answers and no heartbeat is stale, else 503 naming the stale
+    parts (instances/health.py decides, for the admin's health panel too)."""
+    verdict = evaluate_health()
     return Response(
         {
-            "status": "ok",
-            "database": "ok",
-            "heartbeats": {k: iso(v) for k, v in beats.items()},
-        }
+            "status": "ok" if verdict.ok else "unhealthy",
+            "database": "unavailable" if verdict.database_error else "ok",
+            "heartbeats": {name: iso(seen) for name, seen in verdict.heartbeats.items()},
+            "stale": verdict.stale,
+            "starting": verdict.starting,
+        },
+        status=200 if verdict.ok else 503,
     )
 
 

@@ -3,10 +3,10 @@ generated password that is printed this one time."""
 
 from __future__ import annotations
 
-import os
 import secrets
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
@@ -19,12 +19,12 @@ class Command(BaseCommand):
         if users.objects.filter(is_superuser=True).exists():
             self.stdout.write("A superuser exists already.")
             return
-        username = os.environ.get("DJANGO_SUPERUSER_USERNAME") or "admin"
-        password = os.environ.get("DJANGO_SUPERUSER_PASSWORD") or ""
+        username = settings.TEI.superuser_username
+        password = settings.TEI.superuser_password
         generated = not password
         if generated:
             password = secrets.token_urlsafe(12)
-        email = os.environ.get("DJANGO_SUPERUSER_EMAIL", "")
+        email = settings.TEI.superuser_email
         users.objects.create_superuser(username=username, email=email, password=password)
         if generated:
             self.stdout.write(

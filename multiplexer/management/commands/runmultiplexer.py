@@ -1,9 +1,8 @@
-"""`python manage.py runmultiplexer`: the gRPC data plane, until SIGTERM or SIGINT."""
+"""`python manage.py runmultiplexer`: the data plane (gRPC and HTTP), until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from typing import Any
 
@@ -29,9 +28,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--host",
-            default=os.environ.get("TEI_MANAGER_GRPC_HOST")
-            or os.environ.get("TEI_MANAGER_BIND")
-            or "127.0.0.1",
+            default=settings.TEI.grpc_host or settings.TEI.bind,
             help="address to listen on (TEI_MANAGER_GRPC_HOST, else TEI_MANAGER_BIND)",
         )
         parser.add_argument("--port", type=int, default=None, help="default: grpc_port")
@@ -52,7 +49,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--metrics-port",
             type=int,
-            default=int(os.environ.get("TEI_MANAGER_MULTIPLEXER_METRICS_PORT", "9002")),
+            default=settings.TEI.multiplexer_metrics_port,
             help="Prometheus port of the multiplexer (0: none)",
         )
         parser.add_argument(
@@ -100,7 +97,8 @@ class Command(BaseCommand):
         server = MultiplexerServer(server_options)
         try:
             port = await server.start()
-        except HttpBindError as exc:
+        except (HttpBindError, ValueError) as exc:
+            # ValueError: an [auth.mtls] file went away after the system check.
             raise CommandError(str(exc)) from None
         except RuntimeError as exc:
             raise CommandError(
