@@ -116,7 +116,8 @@ def from_exception(exc: BaseException) -> HttpError | None:
         )
     if isinstance(exc, web.HTTPException) and exc.status >= 400:
         error_type = "NotFound" if exc.status == 404 else "Validation"
-        return HttpError(error_type, exc.reason, status=exc.status, code="unknown_url")
+        code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status)
+        return HttpError(error_type, exc.reason, status=exc.status, code=code)
     return None
 
 
