@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dj_database_url
 
+from teimanager import secret_key
 from teimanager.config import ConfigError, coerce, load_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -28,8 +29,35 @@ except ConfigError as exc:
     sys.stderr.write(f"TEI Manager configuration error: {exc}\n")
     raise SystemExit(2) from None
 
-SECRET_KEY = os.environ.get("SECRET_KEY", "tei-manager-insecure-dev-key-set-SECRET_KEY-in-prod")
-ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "*").split(",")
+# The address gunicorn (and the multiplexer, unless TEI_MANAGER_GRPC_HOST) listens on.
+BIND_ADDRESS = os.environ.get("TEI_MANAGER_BIND", "") or "127.0.0.1"
+
+
+def default_allowed_hosts(bind: str) -> list[str]:
+    """The names a request to this server may carry in its Host header when ALLOWED_HOSTS is
+    unset: localhost and the bind address, or the machine's name when bound to every
+    interface. Any other name (a DNS-rebinding attacker's, say) gets a 400."""
+    hosts = ["localhost", "127.0.0.1", "[::1]"]
+    if bind in ("0.0.0.0", "::", "[::]"):
+        hosts.append(socket.gethostname())
+    elif bind not in hosts:
+        hosts.append(f"[{bind}]" if ":" in bind and not bind.startswith("[") else bind)
+    return hosts
+
+
+# Sessions and CSRF tokens are signed with SECRET_KEY: without one in the environment, a
+# random key generated once into the state directory (every process of the node reads it).
+STATE_FILE = Path(TEI.state_file)
+try:
+    SECRET_KEY = os.environ.get("SECRET_KEY") or secret_key.load_or_create(STATE_FILE.parent)
+except secret_key.SecretKeyError as exc:
+    sys.stderr.write(f"TEI Manager configuration error: {exc}; or set SECRET_KEY\n")
+    raise SystemExit(2) from None
+ALLOWED_HOSTS = [
+    h.strip() for h in os.environ.get("ALLOWED_HOSTS", "").split(",") if h.strip()
+] or default_allowed_hosts(BIND_ADDRESS)
+# Origins (scheme://host[:port]) besides the server's own that may POST to the admin and
+# the API: the public URL when a proxy terminates TLS in front of gunicorn.
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
 INSTALLED_APPS = [
@@ -42,6 +70,7 @@ INSTALLED_APPS = [
     "django_prometheus",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "instances",
     "multiplexer",
 ]
@@ -80,9 +109,10 @@ TEMPLATES = [
 
 # SQLite by default: four processes write to it, so WAL, a busy timeout and IMMEDIATE
 # transactions (a writer takes the lock up front instead of failing on upgrade).
-STATE_FILE = Path(TEI.state_file)
 if os.environ.get("DATABASE_URL"):
-    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60)}
+    # No persistent connections: web runs Django under ASGI, where each request's sync code
+    # runs in a thread of its own and a kept connection would outlive it (Django's advice).
+    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=0)}
 else:
     DATABASES = {
         "default": {
@@ -118,17 +148,22 @@ INSTANCE_HOST = os.environ.get("TEI_MANAGER_INSTANCE_HOST", "127.0.0.1")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "DEFAULT_PERMISSION_CLASSES": ["instances.api.origin.SameOriginWrites"],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "instances.api.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["instances.api.parsers.JSONParser"],
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "TEI Manager API",
     "DESCRIPTION": "Create, start, stop and watch text-embeddings-inference instances.",
     "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI's own files come from drf-spectacular-sidecar, served here: no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.decorators import api_view
@@ -15,6 +14,7 @@ from rest_framework.views import APIView
 from instances import metrics as instance_metrics
 from instances import services
 from instances.api.errors import body
+from instances.api.schema import errors
 from instances.api.serializers import (
     InstanceCreateSerializer,
     InstanceSerializer,
@@ -25,13 +25,35 @@ from instances.api.serializers import (
 )
 from instances.errors import MethodNotAllowed, ValidationFailed
 
+_INVALID_FIELD = ["VALIDATION_ERROR", "INVALID_PORT", "INVALID_GPU_ID"]
+_NO_INSTANCE = {404: ["INSTANCE_NOT_FOUND"]}
+
+
+class _DeletedSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    deleted = serializers.BooleanField()
+
 
 class InstanceList(APIView):
-    @extend_schema(responses=InstanceSerializer(many=True))
+    @extend_schema(responses={200: InstanceSerializer(many=True), **errors()})
     def get(self, request: Request) -> HttpResponse:
         return HttpResponse(list_instances_json(), content_type="application/json")
 
-    @extend_schema(request=InstanceCreateSerializer, responses={201: InstanceSerializer})
+    @extend_schema(
+        request=InstanceCreateSerializer,
+        responses={
+            201: InstanceSerializer,
+            **errors(
+                {
+                    400: _INVALID_FIELD,
+                    409: ["INSTANCE_EXISTS"],
+                    422: ["PORT_CONFLICT", "MAX_INSTANCES_REACHED"],
+                },
+                changes_state=True,
+                body=True,
+            ),
+        },
+    )
     def post(self, request: Request) -> Response:
         serializer = InstanceCreateSerializer(data=request.data)
         if not serializer.is_valid():
@@ -41,30 +63,45 @@ class InstanceList(APIView):
 
 
 class InstanceDetail(APIView):
-    @extend_schema(responses=InstanceSerializer)
+    @extend_schema(responses={200: InstanceSerializer, **errors(_NO_INSTANCE)})
     def get(self, request: Request, name: str) -> Response:
         return Response(InstanceSerializer(services.get_instance(name)).data)
 
-    @extend_schema(responses={200: OpenApiTypes.OBJECT})
+    @extend_schema(responses={200: _DeletedSerializer, **errors(_NO_INSTANCE, changes_state=True)})
     def delete(self, request: Request, name: str) -> Response:
         services.delete_instance(name)
         return Response({"name": name, "deleted": True})
 
 
 class StartInstance(APIView):
-    @extend_schema(request=None, responses=InstanceSerializer)
+    @extend_schema(
+        request=None,
+        responses={
+            200: InstanceSerializer,
+            **errors({**_NO_INSTANCE, 409: ["ALREADY_RUNNING"]}, changes_state=True),
+        },
+    )
     def post(self, request: Request, name: str) -> Response:
         return Response(InstanceSerializer(services.start_instance(name)).data)
 
 
 class StopInstance(APIView):
-    @extend_schema(request=None, responses=InstanceSerializer)
+    @extend_schema(
+        request=None,
+        responses={
+            200: InstanceSerializer,
+            **errors({**_NO_INSTANCE, 409: ["NOT_RUNNING"]}, changes_state=True),
+        },
+    )
     def post(self, request: Request, name: str) -> Response:
         return Response(InstanceSerializer(services.stop_instance(name)).data)
 
 
 class RestartInstance(APIView):
-    @extend_schema(request=None, responses=InstanceSerializer)
+    @extend_schema(
+        request=None,
+        responses={200: InstanceSerializer, **errors(_NO_INSTANCE, changes_state=True)},
+    )
     def post(self, request: Request, name: str) -> Response:
         return Response(InstanceSerializer(services.restart_instance(name)).data)
 
@@ -75,7 +112,10 @@ class InstanceLogs(APIView):
             OpenApiParameter("start", int, description="first line (Python slice, may be < 0)"),
             OpenApiParameter("end", int, description="end line, exclusive (may be < 0)"),
         ],
-        responses=LogsSerializer,
+        responses={
+            200: LogsSerializer,
+            **errors({**_NO_INSTANCE, 400: ["VALIDATION_ERROR"]}),
+        },
     )
     def get(self, request: Request, name: str) -> Response:
         start = _int_param(request, "start")
@@ -89,7 +129,7 @@ class _HealthSerializer(serializers.Serializer):
     heartbeats = serializers.DictField(child=serializers.DateTimeField(allow_null=True))
 
 
-@extend_schema(responses=_HealthSerializer)
+@extend_schema(responses={200: _HealthSerializer, **errors()})
 @api_view(["GET"])
 def health(request: Request) -> Response:
     """Liveness of the web process and its database, plus the background heartbeats."""
