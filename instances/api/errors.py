@@ -9,6 +9,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+from django.conf import settings
 from django.core import exceptions as django_exceptions
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
@@ -77,7 +78,8 @@ def bad_request(request: HttpRequest, exception: Exception | None = None) -> Htt
     if isinstance(exception, django_exceptions.DisallowedHost):
         error: TeiManagerError = DisallowedHost(str(exception))
     elif isinstance(exception, django_exceptions.RequestDataTooBig):
-        error = RequestTooLarge(str(exception))
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        error = RequestTooLarge(f"the request body is over {limit} bytes")
     else:
         error = BadRequest()
     return JsonResponse(body(error), status=error.status_code)
