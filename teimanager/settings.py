@@ -160,6 +160,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Create, start, stop and watch text-embeddings-inference instances.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "instances.api.schema.forbid_unknown_fields",
+    ],
     # Swagger UI's own files come from drf-spectacular-sidecar, served here: no CDN.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers
 
@@ -41,3 +43,17 @@ def errors(
         status: OpenApiResponse(ErrorSerializer, description="Error codes: " + ", ".join(names))
         for status, names in sorted(merged.items())
     }
+
+
+# Request bodies whose serializer refuses unknown fields (400 "unknown field").
+CLOSED_COMPONENTS = ("InstanceCreate",)
+
+
+def forbid_unknown_fields(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """drf-spectacular postprocessing hook: say `additionalProperties: false` where the
+    serializer refuses unknown fields, so the schema promises what the API does."""
+    schemas = result.get("components", {}).get("schemas", {})
+    for name in CLOSED_COMPONENTS:
+        if name in schemas:
+            schemas[name]["additionalProperties"] = False
+    return result

@@ -23,6 +23,10 @@ from instances.models import Instance, Pooling
 # \A…\Z, not ^…$: "$" also matches before a trailing newline, and a name names a file.
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 NAME_RULE = "must be 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+# A model id becomes one argv element: no leading '-' (a flag), no whitespace or control
+# characters (validate_model_id also refuses the other unprintable ones).
+MODEL_ID_RE = re.compile(r"\A[^\s\x00-\x1f\x7f-\x9f-][^\s\x00-\x1f\x7f-\x9f]*\Z")
+MODEL_ID_RULE = "must not start with '-' or contain whitespace or control characters"
 MAX_INT = 2**31 - 1  # the range of the integer columns
 PORT_MIN, PORT_MAX = 1024, 65535
 PORT_RULE = f"must be between {PORT_MIN} and {PORT_MAX}"
@@ -50,12 +54,19 @@ class StrictCharField(serializers.CharField):
 
 class InstanceCreateSerializer(serializers.Serializer):
     name = StrictCharField(
+        min_length=1,
         max_length=64,
         trim_whitespace=False,
         validators=[RegexValidator(NAME_RE, NAME_RULE)],
         help_text="Letters, digits, '-' and '_', from a letter or digit; names the log file.",
     )
-    model_id = StrictCharField(max_length=255, trim_whitespace=False)
+    model_id = StrictCharField(
+        min_length=1,
+        max_length=255,
+        trim_whitespace=False,
+        validators=[RegexValidator(MODEL_ID_RE, MODEL_ID_RULE)],
+        help_text="A Hugging Face model id (org/name) or a local directory.",
+    )
     port = serializers.IntegerField(
         required=False,
         allow_null=True,

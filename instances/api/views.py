@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -27,6 +29,9 @@ from instances.errors import MethodNotAllowed, ValidationFailed
 
 _INVALID_FIELD = ["VALIDATION_ERROR", "INVALID_PORT", "INVALID_GPU_ID"]
 _NO_INSTANCE = {404: ["INSTANCE_NOT_FOUND"]}
+# A log line number: Python slice semantics, at most 18 digits.
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+_LINE = {"type": "integer", "minimum": -(10**18) + 1, "maximum": 10**18 - 1}
 
 
 class _DeletedSerializer(serializers.Serializer):
@@ -109,8 +114,8 @@ class RestartInstance(APIView):
 class InstanceLogs(APIView):
     @extend_schema(
         parameters=[
-            OpenApiParameter("start", int, description="first line (Python slice, may be < 0)"),
-            OpenApiParameter("end", int, description="end line, exclusive (may be < 0)"),
+            OpenApiParameter("start", _LINE, description="first line (Python slice, may be < 0)"),
+            OpenApiParameter("end", _LINE, description="end line, exclusive (may be < 0)"),
         ],
         responses={
             200: LogsSerializer,
@@ -156,9 +161,8 @@ def metrics(request: HttpRequest) -> HttpResponse:
 
 def _int_param(request: Request, key: str) -> int | None:
     raw = request.query_params.get(key)
-    if raw is None or raw == "":
+    if raw is None:
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValidationFailed(f"{key}: must be an integer, got {raw!r}") from None
+    if not _INTEGER.fullmatch(raw):
+        raise ValidationFailed(f"{key}: must be an integer, got {raw[:50]!r}")
+    return int(raw)
