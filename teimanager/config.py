@@ -102,9 +102,6 @@ class MtlsConfig:
         return bool(self.server_cert and self.server_key)
 
 
-INSECURE_SECRET_KEY = "tei-manager-insecure-dev-key-set-SECRET_KEY-in-prod"
-
-
 @dataclass(frozen=True)
 class Config:
     # -- in the TOML file and the environment ------------------------------------------
@@ -166,8 +163,8 @@ class Config:
     prometheus_multiproc_dir: str = setting("", "PROMETHEUS_MULTIPROC_DIR", file=False)
     debug: bool = setting(False, "DEBUG", file=False)
     log_level: str = setting("INFO", "LOG_LEVEL", file=False, check=_log_level)
-    secret_key: str = setting(INSECURE_SECRET_KEY, "SECRET_KEY", file=False, secret=True)
-    allowed_hosts: tuple[str, ...] = setting(("*",), "ALLOWED_HOSTS", file=False)
+    secret_key: str = setting("", "SECRET_KEY", file=False, secret=True)  # "": generated
+    allowed_hosts: tuple[str, ...] = setting((), "ALLOWED_HOSTS", file=False)  # (): local names
     csrf_trusted_origins: tuple[str, ...] = setting((), "CSRF_TRUSTED_ORIGINS", file=False)
     superuser_username: str = setting("admin", "DJANGO_SUPERUSER_USERNAME", file=False)
     superuser_password: str = setting("", "DJANGO_SUPERUSER_PASSWORD", file=False, secret=True)

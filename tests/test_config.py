@@ -254,6 +254,7 @@ def test_only_the_config_module_reads_the_environment() -> None:
         "manage.py": ("setdefault", "take_config_option(sys.argv, os.environ)"),
         "teimanager/celery.py": ("setdefault",),
         "teimanager/wsgi.py": ("setdefault",),
+        "teimanager/asgi.py": ("setdefault",),
         "teimanager/probe.py": ("setdefault",),
         "instances/launch.py": (
             "os.environ.items() if passes(name)",
@@ -280,7 +281,7 @@ def test_only_the_config_module_reads_the_environment() -> None:
     [
         (["manage.py", "check"], "DEBUG", "flase"),
         (["manage.py", "runmultiplexer"], "TEI_MANAGER_MULTIPLEXER_METRICS_PORT", "abc"),
-        (["-m", "gunicorn", "teimanager.wsgi", "--config", "python:teimanager.gunicorn_conf"],
+        (["-m", "gunicorn", "teimanager.asgi", "--config", "python:teimanager.gunicorn_conf"],
          "TEI_MANAGER_WEB_WORKERS", "many"),
         (["-m", "celery", "-A", "teimanager", "worker"], "LOG_LEVEL", "LOUD"),
         (["-m", "celery", "-A", "teimanager", "beat"], "DATABASE_URL", "nonsense"),
