@@ -1,14 +1,20 @@
-"""A tiny HTTP client for the HTTP data plane tests (the standard library's, no extra package),
-and the Instance rows those tests route to."""
+"""Helpers of the data plane tests: a tiny HTTP client (the standard library's), the Instance
+rows the tests route to, and a stand-in instance that holds its calls until released."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
+
+import grpc
+from tei.v1 import tei_pb2
 
 
 @dataclass
@@ -60,3 +66,36 @@ def add_row(name: str, model_id: str, port: int, **fields: Any) -> Any:
     }
     values.update(fields)
     return Instance.objects.create(name=name, model_id=model_id, port=port, **values)
+
+
+class HoldingInstance:
+    """A tei.v1 Embed instance that answers a call only once `release()` is called."""
+
+    def __init__(self) -> None:
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=40))
+        self.gate = threading.Event()
+        self.seen = 0
+        handlers = {
+            "Embed": grpc.unary_unary_rpc_method_handler(self._embed),
+            "EmbedStream": grpc.stream_stream_rpc_method_handler(self._embed_stream),
+        }
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("tei.v1.Embed", handlers),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def _answer(self) -> bytes:
+        self.seen += 1
+        self.gate.wait(30)
+        return tei_pb2.EmbedResponse(embeddings=[1.0, 2.0]).SerializeToString()
+
+    def _embed(self, request: bytes, context: Any) -> bytes:
+        return self._answer()
+
+    def _embed_stream(self, requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        for _ in requests:
+            yield self._answer()

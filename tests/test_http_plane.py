@@ -5,6 +5,7 @@ is compared with the same call made directly to the instance over gRPC."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import socket
 import threading
 import time
@@ -465,19 +466,41 @@ def test_model_ids_may_come_percent_encoded(base: str, servers: dict[str, LocalT
     )
 
 
-def test_runmultiplexer_serves_http_and_names_a_taken_port(base: str) -> None:
+def test_runmultiplexer_serves_http_and_names_a_taken_port(
+    base: str, tmp_path: Any, settings: Any
+) -> None:
+    """`make run`'s multiplexer: HTTP beside gRPC, its HTTP and queue series in the control
+    plane's scrape (PROMETHEUS_MULTIPROC_DIR), a clear message when the port is taken."""
     import signal
 
+    from instances.metrics import render
+    from tests.http_client import HoldingInstance
     from tests.localtei_fixtures import free_port
     from tests.test_multiplexer import read_until, start_command
 
+    holding = HoldingInstance()
+    add_row("held", "held/model", holding.port, max_concurrent_requests=1)
     http_port = free_port()
+    url = f"http://127.0.0.1:{http_port}"
     process = start_command("--port", str(free_port()), "--metrics-port", "0",
-                            "--http-port", str(http_port))  # fmt: skip
+                            "--http-port", str(http_port), PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
+                            TEI_MANAGER_QUEUE_SIZE="0")  # fmt: skip
     try:
         assert f"HTTP on port {http_port}" in read_until(process, "is now running")
-        reply = request(f"http://127.0.0.1:{http_port}/instances/minilm/embed", {"inputs": "a"})
+        reply = request(f"{url}/instances/minilm/embed", {"inputs": "a"})
         assert reply.status == 200 and len(reply.json[0]) == 384
+        held = threading.Thread(
+            target=request, args=(f"{url}/instances/held/embed", {"inputs": "x"})
+        )
+        held.start()
+        deadline = time.monotonic() + 10
+        while holding.seen == 0:
+            assert time.monotonic() < deadline, "the held call never arrived"
+            time.sleep(0.02)
+        refused = request(f"{url}/instances/held/embed", {"inputs": "x"})  # queue_size 0
+        assert refused.status == 429
+        holding.release()
+        held.join(10)
 
         taken = start_command("--port", str(free_port()), "--metrics-port", "0",
                               "--http-port", str(http_port))  # fmt: skip
@@ -486,6 +509,17 @@ def test_runmultiplexer_serves_http_and_names_a_taken_port(base: str) -> None:
         assert f"{http_port} (HTTP, TEI_MANAGER_HTTP_PORT)" in output
         assert "Traceback" not in output
     finally:
+        holding.release()
+        holding.server.stop(0)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0 and output.rstrip().endswith("Done.")
+    settings.TEI = dataclasses.replace(settings.TEI, prometheus_multiproc_dir=str(tmp_path))
+    scrape = render()[0].decode()
+    http = "tei_manager_multiplexer_http_requests_total"
+    assert (
+        f'{http}{{instance="minilm",route="/instances/{{name}}/embed",status="200"}} 1.0' in scrape
+    )
+    assert f'{http}{{instance="held",route="/instances/{{name}}/embed",status="429"}} 1.0' in scrape
+    refusals = "tei_manager_multiplexer_queue_refused_total"
+    assert f'{refusals}{{instance="held",reason="queue_full"}} 1.0' in scrape

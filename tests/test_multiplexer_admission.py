@@ -25,7 +25,7 @@ from multiplexer.admission import Overloaded
 from multiplexer.routing import Route, Router, RoutingError, RoutingTable
 from multiplexer.server import BackgroundMultiplexer, ServerOptions
 from multiplexer.wire import Target
-from tests.http_client import add_row, request
+from tests.http_client import HoldingInstance, add_row, request
 from tests.localtei_fixtures import MINILM_ID, LocalTEI, start_localtei
 from tests.test_multiplexer import rpc_error
 
@@ -171,39 +171,6 @@ def short_queue() -> Iterator[BackgroundMultiplexer]:
     options = ServerOptions(host="127.0.0.1", port=0, http_port=0, queue_size=4)
     with BackgroundMultiplexer(options) as background:
         yield background
-
-
-class HoldingInstance:
-    """A tei.v1 Embed instance that answers a call only once `release()` is called."""
-
-    def __init__(self) -> None:
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=40))
-        self.gate = threading.Event()
-        self.seen = 0
-        handlers = {
-            "Embed": grpc.unary_unary_rpc_method_handler(self._embed),
-            "EmbedStream": grpc.stream_stream_rpc_method_handler(self._embed_stream),
-        }
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("tei.v1.Embed", handlers),)
-        )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def release(self) -> None:
-        self.gate.set()
-
-    def _answer(self) -> bytes:
-        self.seen += 1
-        self.gate.wait(30)
-        return tei_pb2.EmbedResponse(embeddings=[1.0, 2.0]).SerializeToString()
-
-    def _embed(self, request: bytes, context: Any) -> bytes:
-        return self._answer()
-
-    def _embed_stream(self, requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
-        for _ in requests:
-            yield self._answer()
 
 
 @pytest.fixture
