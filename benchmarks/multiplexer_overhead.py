@@ -348,7 +348,7 @@ def start_multiplexer() -> Server:
     def command(port: int, metrics: int) -> list[str]:
         return [
             "manage.py", "runmultiplexer", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(metrics),
+            "--metrics-port", str(metrics), "--http-port", "0",
         ]  # fmt: skip
 
     return Server("multiplexer", command).wait_until_serving(60)

@@ -273,14 +273,17 @@ class InstanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Start selected instances", permissions=["operate"])
     def start_selected(self, request: HttpRequest, queryset: QuerySet[Instance]) -> None:
+        self._report_vanished(request, queryset, "start")
         self._operate(request, queryset, "start")
 
     @admin.action(description="Stop selected instances", permissions=["operate"])
     def stop_selected(self, request: HttpRequest, queryset: QuerySet[Instance]) -> None:
+        self._report_vanished(request, queryset, "stop")
         self._operate(request, queryset, "stop")
 
     @admin.action(description="Restart selected instances", permissions=["operate"])
     def restart_selected(self, request: HttpRequest, queryset: QuerySet[Instance]) -> None:
+        self._report_vanished(request, queryset, "restart")
         self._operate(request, queryset, "restart")
 
     def delete_model(self, request: HttpRequest, obj: Instance) -> None:
@@ -288,6 +291,22 @@ class InstanceAdmin(admin.ModelAdmin):
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Instance]) -> None:
         self._delete(request, queryset)
+
+    def _report_vanished(
+        self, request: HttpRequest, queryset: QuerySet[Instance], verb: str
+    ) -> None:
+        """Selected rows deleted since the list was shown are not in `queryset`: say so,
+        rather than act on the rest as if they had never been ticked."""
+        selected = set(request.POST.getlist(admin.helpers.ACTION_CHECKBOX_NAME))
+        found = {str(pk) for pk in queryset.values_list("pk", flat=True)}
+        gone = len(selected - found)
+        if gone:
+            what = "instance no longer exists" if gone == 1 else "instances no longer exist"
+            self.message_user(
+                request,
+                f"Cannot {verb}: {gone} selected {what} (deleted meanwhile).",
+                messages.ERROR,
+            )
 
     def _operate(self, request: HttpRequest, instances: Iterable[Instance], verb: str) -> None:
         service, doing, refused = OPERATIONS[verb]

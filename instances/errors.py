@@ -89,5 +89,41 @@ class UnsupportedMediaType(TeiManagerError):
     default_message = "send the request body as application/json"
 
 
+class BadRequest(TeiManagerError):
+    status_code = 400
+    code = "BAD_REQUEST"
+    default_message = "the request could not be read"
+
+
+class DisallowedHost(TeiManagerError):
+    status_code = 400
+    code = "DISALLOWED_HOST"
+    default_message = "this Host is not served here; add it to ALLOWED_HOSTS"
+
+
+class CrossOriginRequest(TeiManagerError):
+    status_code = 403
+    code = "CROSS_ORIGIN_REQUEST"
+    default_message = "cross-origin requests may not change state"
+
+
+class RequestTooLarge(TeiManagerError):
+    status_code = 413
+    code = "REQUEST_TOO_LARGE"
+    default_message = "the request body is too large"
+
+
+class UriTooLong(TeiManagerError):
+    status_code = 414
+    code = "URI_TOO_LONG"
+    default_message = "the request line is too long"
+
+
+class HeadersTooLarge(TeiManagerError):
+    status_code = 431
+    code = "HEADERS_TOO_LARGE"
+    default_message = "the request headers are too large"
+
+
 class InternalError(TeiManagerError):
     pass

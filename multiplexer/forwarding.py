@@ -30,9 +30,11 @@ from tei.v1 import tei_pb2
 from tei_multiplexer.v1 import multiplexer_pb2
 
 from multiplexer import arrow
+from multiplexer.admission import AdmissionError
+from multiplexer.calls import InstanceCalls, StreamSlots
 from multiplexer.channels import ChannelPool
 from multiplexer.metrics import UNROUTED, CallMetrics
-from multiplexer.routing import Route, Router, RoutingError
+from multiplexer.routing import Router, RoutingError
 from multiplexer.wire import Target, WireError, split_wrapper
 
 SERVICE_NAME = "tei_multiplexer.v1.TeiMultiplexer"
@@ -84,6 +86,7 @@ class Forwarder:
         self.metrics = metrics
         self.request_timeout = request_timeout
         self.max_message_bytes = max_message_bytes
+        self.calls = InstanceCalls(router, pool)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -117,11 +120,14 @@ class Forwarder:
             try:
                 target, inner = split_wrapper(request)
                 check_size(inner)
-                route = self.router.pick(target)
+                timeout = self._deadline(context)
+                route = await self.router.acquire(target, timeout)  # may queue
                 instance = route.name
                 try:
                     response = await self.pool.unary_unary(route.address, path)(
-                        inner, timeout=self._deadline(context), metadata=_metadata(context)
+                        inner,
+                        timeout=timeout - (time.perf_counter() - started),
+                        metadata=_metadata(context),
                     )
                 finally:
                     self.router.release(route)
@@ -148,7 +154,8 @@ class Forwarder:
                     )
                 target, inner = split_wrapper(first)
                 check_size(inner)
-                route = self.router.pick(target)
+                # One slot for the whole call: the instance answers once, at the end.
+                route = await self.router.acquire(target, self._deadline(context))
                 instance = route.name
                 stream = InnerStream(inner, incoming, answer_per_request=False)
                 try:
@@ -174,7 +181,7 @@ class Forwarder:
         ) -> AsyncIterator[bytes]:
             started = time.perf_counter()
             instance, failure = UNROUTED, None
-            route: Route | None = None
+            stream: InnerStream | None = None
             call: grpc.aio.StreamStreamCall | None = None
             try:
                 incoming = aiter(requests)
@@ -182,9 +189,11 @@ class Forwarder:
                 if first is not None:
                     target, inner = split_wrapper(first)
                     check_size(inner)
-                    route = self.router.pick(target)
+                    route = self.router.choose(target)
                     instance = route.name
-                    stream = InnerStream(inner, incoming, answer_per_request=True)
+                    # A slot per message in flight, taken before each goes out.
+                    slots = StreamSlots(self.router, route, lambda: self._deadline(context))
+                    stream = InnerStream(inner, incoming, answer_per_request=True, slots=slots)
                     call = self.pool.stream_stream(route.address, path)(
                         stream, timeout=context.time_remaining(), metadata=_metadata(context)
                     )
@@ -198,8 +207,8 @@ class Forwarder:
             except Exception as exc:
                 failure = _status(exc)
             finally:
-                if route is not None:
-                    self.router.release(route)
+                if stream is not None and stream.slots is not None:
+                    stream.slots.give_all()
                 if call is not None and not call.done():
                     call.cancel()
             await self._finish(context, instance, name, started, failure, b"")
@@ -222,44 +231,22 @@ class Forwarder:
         try:
             message = kind.request_type.FromString(request)
             texts = arrow.read_texts(message.arrow_ipc)
-            route = self.router.pick(_target(message.target))
+            route = self.router.choose(_target(message.target))
             instance = route.name
-            try:
-                if message.noop:
-                    payload = kind.noop(len(texts))
-                else:
-                    rows = [check_size(kind.row(text, message)) for text in texts]
-                    deadline = self._deadline(context)
-                    replies = await self._embed_rows(
-                        route, kind.upstream_path, rows, deadline, _metadata(context)
-                    )
-                    payload = kind.payload(replies)
-            finally:
-                self.router.release(route)
+            if message.noop:  # the instance is not called: nothing to admit
+                payload = kind.noop(len(texts))
+            else:
+                # The rows go as one stream: the instance keeps many in flight and batches
+                # them as its queue allows; each row in flight holds an admission slot.
+                rows = [check_size(kind.row(text, message)) for text in texts]
+                replies = await self.calls.stream(
+                    route, kind.upstream_path, rows, self._deadline(context), _metadata(context)
+                )
+                payload = kind.payload(replies)
             response = self._arrow_reply(payload, kind.response_type)
         except Exception as exc:
             failure = _status(exc)
         return await self._finish(context, instance, kind.method, started, failure, response)
-
-    async def _embed_rows(
-        self,
-        route: Route,
-        path: str,
-        rows: list[bytes],
-        timeout: float,
-        metadata: tuple[tuple[str, str | bytes], ...] | None,
-    ) -> list[bytes]:
-        """Send the rows as one stream: the instance keeps them all in flight and batches
-        them as its queue allows, and answers in order."""
-        call = self.pool.stream_stream(route.address, path)(
-            iter(rows), timeout=timeout, metadata=metadata
-        )
-        replies = [reply async for reply in call]
-        if len(replies) != len(rows):
-            raise arrow.InstanceReplyError(
-                f"instance '{route.name}' answered {len(replies)} of {len(rows)} rows"
-            )
-        return replies
 
     def _arrow_reply(self, payload: bytes, kind: Any) -> bytes:
         response: bytes = kind(arrow_ipc=payload).SerializeToString()
@@ -333,23 +320,32 @@ def check_size(inner: bytes) -> bytes:
 
 class InnerStream:
     """A client's stream as the instance gets it: the inner request of each wrapper (a
-    malformed or oversized one ends it and is kept in `bad`, raised once the call is
-    over), and how many answers the instance owes for it, silent since when."""
+    malformed or oversized one, or one refused admission, ends it and is kept in `bad`,
+    raised once the call is over), how many answers the instance owes for it, silent since
+    when, and the admission slots it holds (bidirectional streams: one per message in
+    flight)."""
 
-    __slots__ = ("answer_per_request", "bad", "first", "incoming", "owed", "since")
+    __slots__ = ("answer_per_request", "bad", "first", "incoming", "owed", "since", "slots")
 
     def __init__(
-        self, first: bytes, incoming: AsyncIterator[bytes], answer_per_request: bool
+        self,
+        first: bytes,
+        incoming: AsyncIterator[bytes],
+        answer_per_request: bool,
+        slots: StreamSlots | None = None,
     ) -> None:
         self.first, self.incoming = first, incoming
         # Bidirectional: one answer per request. Client stream: one, once the client is done.
         self.answer_per_request = answer_per_request
-        self.bad: WireError | _TooLarge | None = None
+        self.slots = slots
+        self.bad: WireError | _TooLarge | AdmissionError | None = None
         self.owed = 0
         self.since = time.monotonic()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
+            if not await self._admitted():
+                return
             self._sent()
             yield self.first
             async for message in self.incoming:
@@ -357,6 +353,8 @@ class InnerStream:
                     inner = check_size(split_wrapper(message)[1])
                 except (WireError, _TooLarge) as exc:
                     self.bad = exc
+                    return
+                if not await self._admitted():
                     return
                 self._sent()
                 yield inner
@@ -367,6 +365,18 @@ class InnerStream:
     def answered(self) -> None:
         self.owed = max(self.owed - 1, 0)
         self.since = time.monotonic()
+        if self.slots is not None:
+            self.slots.give()
+
+    async def _admitted(self) -> bool:
+        if self.slots is None:
+            return True
+        try:
+            await self.slots.take()
+        except AdmissionError as exc:
+            self.bad = exc
+            return False
+        return True
 
     def _sent(self) -> None:
         if self.answer_per_request:
@@ -429,7 +439,7 @@ def _target(message: multiplexer_pb2.Target) -> Target:
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code(), exc.details() or ""
-    if isinstance(exc, RoutingError):
+    if isinstance(exc, AdmissionError):  # routing failures and admission refusals
         return exc.code, exc.message
     if isinstance(exc, WireError | DecodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}"

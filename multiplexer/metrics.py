@@ -1,15 +1,17 @@
-"""Prometheus metrics of the multiplexer: requests, errors by status code, latency.
+"""Prometheus metrics of the multiplexer: requests, errors by status code, latency, for gRPC
+(by instance and method) and HTTP (by instance, route and status); admission queue depth,
+wait and refusals (by instance).
 
-Labelled by instance and method. Served on a port of their own
-(TEI_MANAGER_MULTIPLEXER_METRICS_PORT, 9002 by default, 0 turns it off); when
-PROMETHEUS_MULTIPROC_DIR is set they are also written there, so the control plane's
-/metrics scrape carries them too. Calls that could not be routed count under instance "-".
+Served on a port of their own (TEI_MANAGER_MULTIPLEXER_METRICS_PORT, 9002 by default, 0
+turns it off); when PROMETHEUS_MULTIPROC_DIR is set they are also written there, so the
+control plane's /metrics scrape carries them too. Calls that could not be routed count
+under instance "-".
 """
 
 from __future__ import annotations
 
 import grpc
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 UNROUTED = "-"
 
@@ -23,11 +25,41 @@ ERRORS = Counter(
     "Calls that ended with a status other than OK, by status code.",
     ["instance", "method", "code"],
 )
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LATENCY = Histogram(
     "tei_manager_multiplexer_request_duration_seconds",
     "Time from a call's arrival to its last response.",
     ["instance", "method"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    buckets=BUCKETS,
+)
+HTTP_REQUESTS = Counter(
+    "tei_manager_multiplexer_http_requests_total",
+    "HTTP requests handled by the multiplexer, by route and response status.",
+    ["instance", "route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "tei_manager_multiplexer_http_request_duration_seconds",
+    "Time from an HTTP request's arrival to its response.",
+    ["instance", "route"],
+    buckets=BUCKETS,
+)
+QUEUE_DEPTH = Gauge(
+    "tei_manager_multiplexer_queue_depth",
+    "Calls waiting in an instance's admission queue.",
+    ["instance"],
+    multiprocess_mode="livesum",
+)
+QUEUE_WAIT = Histogram(
+    "tei_manager_multiplexer_queue_wait_seconds",
+    "Time a call waited in its instance's admission queue (calls admitted at once are not "
+    "observed).",
+    ["instance"],
+    buckets=BUCKETS,
+)
+QUEUE_REFUSED = Counter(
+    "tei_manager_multiplexer_queue_refused_total",
+    "Calls refused by admission: the queue was full, or the call's deadline passed in it.",
+    ["instance", "reason"],
 )
 
 
@@ -47,6 +79,33 @@ class CallMetrics:
         children[1].observe(seconds)
         if code is not grpc.StatusCode.OK:
             ERRORS.labels(instance, method, code.name).inc()
+
+
+class HttpMetrics:
+    """Per-route HTTP series; children cached like CallMetrics'."""
+
+    def __init__(self) -> None:
+        self._latency: dict[tuple[str, str], Histogram] = {}
+
+    def observe(self, instance: str, route: str, status: int, seconds: float) -> None:
+        key = (instance, route)
+        latency = self._latency.get(key)
+        if latency is None:
+            latency = self._latency[key] = HTTP_LATENCY.labels(*key)
+        latency.observe(seconds)
+        HTTP_REQUESTS.labels(instance, route, str(status)).inc()
+
+
+def queue_depth(instance: str, depth: int) -> None:
+    QUEUE_DEPTH.labels(instance).set(depth)
+
+
+def queue_wait(instance: str, seconds: float) -> None:
+    QUEUE_WAIT.labels(instance).observe(seconds)
+
+
+def refused(instance: str, reason: str) -> None:
+    QUEUE_REFUSED.labels(instance, reason).inc()
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> None:

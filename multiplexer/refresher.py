@@ -29,10 +29,21 @@ def load_routing_table() -> RoutingTable:
     """Read every instance, whatever its state: a known but stopped one is UNAVAILABLE."""
     from instances.models import Instance
 
-    rows = Instance.objects.values_list("name", "model_id", "host", "port", "status")
+    rows = Instance.objects.values_list(
+        "name", "model_id", "host", "port", "status", "max_concurrent_requests", "pooling",
+        "auto_truncate",
+    )  # fmt: skip
     return RoutingTable.build(
-        Route(name=name, model_id=model_id, address=dial_address(host, port), status=status)
-        for name, model_id, host, port, status in rows
+        Route(
+            name=name,
+            model_id=model_id,
+            address=dial_address(host, port),
+            status=status,
+            max_concurrent_requests=limit,
+            pooling=pooling,
+            auto_truncate=auto_truncate,
+        )
+        for name, model_id, host, port, status, limit, pooling, auto_truncate in rows
     )
 
 

@@ -1,9 +1,10 @@
-"""The routing table: which instance serves a call.
+"""The routing table: which instance serves a call, and whether it may go now.
 
 The table is immutable and rebuilt from the database by the refresher thread; the hot path
 only reads `Router.table` (one attribute load, atomic under the GIL) and never queries.
-Replicas of one model are picked by least in flight, round-robin among equals, so a slow
-replica gets less work and idle replicas take turns.
+Replicas of one model are picked by least load (calls in flight plus queued), round-robin
+among equals, so a slow replica gets less work and idle replicas take turns. Every call
+then passes its instance's admission Gate (multiplexer/admission.py).
 """
 
 from __future__ import annotations
@@ -14,18 +15,18 @@ from types import MappingProxyType
 
 import grpc
 
+from multiplexer.admission import AdmissionError, Gate
 from multiplexer.wire import Target
 
 RUNNING = "running"
 
 
-class RoutingError(Exception):
+class RoutingError(AdmissionError):
     """A call cannot be routed; carries the gRPC status code the client gets."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+
+DEFAULT_MAX_CONCURRENT_REQUESTS = 512
+DEFAULT_QUEUE_SIZE = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,9 @@ class Route:
     model_id: str
     address: str
     status: str
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+    pooling: str = ""
+    auto_truncate: bool = True
 
     @property
     def running(self) -> bool:
@@ -113,41 +117,79 @@ class RoutingTable:
 
 
 class Router:
-    """Holds the current table and spreads calls over replicas.
+    """Holds the current table, spreads calls over replicas and admits them.
 
-    `pick` and `release` run on the server's event loop only; `update` may come from any
-    thread (it swaps one reference).
+    `acquire`, `enter`, `release` and `retain` run on the server's event loop only;
+    `update` may come from any thread (it swaps one reference).
     """
 
-    def __init__(self, table: RoutingTable | None = None) -> None:
+    def __init__(
+        self, table: RoutingTable | None = None, queue_size: int = DEFAULT_QUEUE_SIZE
+    ) -> None:
         self.table = table or RoutingTable()
-        self.in_flight: dict[str, int] = {}
+        self.queue_size = queue_size
+        self.gates: dict[str, Gate] = {}
         self._turn = 0
 
     def update(self, table: RoutingTable) -> None:
         self.table = table
 
-    def pick(self, target: Target) -> Route:
-        candidates = self.table.candidates(target)
-        route = candidates[0] if len(candidates) == 1 else self._least_in_flight(candidates)
-        self.in_flight[route.name] = self.in_flight.get(route.name, 0) + 1
+    async def acquire(self, target: Target, timeout: float | None) -> Route:
+        """Route `target` and take a slot on the chosen instance (queueing if need be)."""
+        route = self.choose(target)
+        await self.enter(route, timeout)
         return route
 
-    def release(self, route: Route) -> None:
-        left = self.in_flight.get(route.name, 1) - 1
-        if left > 0:
-            self.in_flight[route.name] = left
-        else:
-            self.in_flight.pop(route.name, None)
+    def choose(self, target: Target) -> Route:
+        """The instance that serves `target` now, without taking a slot (a stream's)."""
+        candidates = self.table.candidates(target)
+        return candidates[0] if len(candidates) == 1 else self._least_loaded(candidates)
 
-    def _least_in_flight(self, candidates: tuple[Route, ...]) -> Route:
+    async def enter(self, route: Route, timeout: float | None) -> None:
+        """Take one slot on `route`'s instance: at once when free, else queued."""
+        gate = self.gates.get(route.name)
+        if gate is None:  # a new table's limits reach existing gates through `retain`
+            gate = self.gates[route.name] = Gate(route, self.queue_size)
+        if gate.in_flight < gate.limit and not gate.waiters:
+            gate.in_flight += 1
+            return
+        await gate.enter(timeout)
+
+    def release(self, route: Route) -> None:
+        gate = self.gates.get(route.name)
+        if gate is not None:
+            gate.leave()
+
+    def in_flight(self, name: str) -> int:
+        gate = self.gates.get(name)
+        return 0 if gate is None else gate.in_flight
+
+    def retain(self, table: RoutingTable) -> None:
+        """After a table change: adopt new limits, fail the queues of instances that left
+        or stopped, and drop idle gates of instances that are gone."""
+        for name, gate in list(self.gates.items()):
+            route = table.by_name.get(name)
+            if route is None or not route.running:
+                state = "was deleted" if route is None else f"is {route.status}"
+                gate.refuse_waiters(
+                    RoutingError(grpc.StatusCode.UNAVAILABLE, f"instance '{name}' {state}")
+                )
+                if route is None and gate.in_flight == 0:
+                    del self.gates[name]
+            elif gate.route is not route:
+                gate.update(route)
+
+    def _least_loaded(self, candidates: tuple[Route, ...]) -> Route:
         self._turn += 1
         count = len(candidates)
+        gates = self.gates
         best = candidates[self._turn % count]
-        best_load = self.in_flight.get(best.name, 0)
+        gate = gates.get(best.name)
+        best_load = 0 if gate is None else gate.load
         for step in range(1, count):
             route = candidates[(self._turn + step) % count]
-            load = self.in_flight.get(route.name, 0)
+            gate = gates.get(route.name)
+            load = 0 if gate is None else gate.load
             if load < best_load:
                 best, best_load = route, load
         return best

@@ -1,4 +1,5 @@
-"""The multiplexer's gRPC server: TeiMultiplexer, grpc.health.v1 and server reflection.
+"""The multiplexer's servers: gRPC (TeiMultiplexer, grpc.health.v1, server reflection) and
+HTTP (TEI's HTTP API and OpenAI-compatible routes, multiplexer/http/), on one event loop.
 
 An asyncio server (one event loop forwards every call and stream; a thread per stream
 would not scale to `grpc_max_parallel_streams`), fed by the routing refresher thread.
@@ -21,6 +22,7 @@ from grpc_health.v1._async import HealthServicer
 from localtei.handlers import add_health_and_reflection
 from multiplexer.channels import ChannelPool
 from multiplexer.forwarding import SERVICE_NAME, Forwarder
+from multiplexer.http.server import HttpServer
 from multiplexer.metrics import CallMetrics
 from multiplexer.refresher import RoutingRefresher
 from multiplexer.routing import Router, RoutingTable
@@ -45,6 +47,10 @@ def event_loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEvent
     return asyncio.new_event_loop
 
 
+class HttpBindError(RuntimeError):
+    """The HTTP data plane's port cannot be bound."""
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     host: str = "0.0.0.0"
@@ -54,6 +60,10 @@ class ServerOptions:
     request_timeout_secs: float = 30.0
     refresh_interval_secs: float = 0.5
     mtls: MtlsConfig = field(default_factory=MtlsConfig)
+    queue_size: int = 1024
+    http_port: int | None = None  # None: no HTTP server; 0: any free port
+    http_payload_limit_bytes: int = 2_000_000
+    max_client_batch_size: int = 2048
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> ServerOptions:
@@ -63,6 +73,10 @@ class ServerOptions:
             "max_parallel_streams": config.grpc_max_parallel_streams,
             "request_timeout_secs": config.grpc_request_timeout_secs,
             "mtls": config.mtls,
+            "queue_size": config.queue_size,
+            "http_port": config.http_port if config.http_enabled else None,
+            "http_payload_limit_bytes": config.http_payload_limit_bytes,
+            "max_client_batch_size": config.max_client_batch_size,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -83,13 +97,15 @@ class MultiplexerServer:
 
     def __init__(self, options: ServerOptions, router: Router | None = None) -> None:
         self.options = options
-        self.router = router or Router()
+        self.router = router or Router(queue_size=options.queue_size)
         self.pool = ChannelPool(options.message_size_options())
         self.refresher = RoutingRefresher(
             self.router, options.refresh_interval_secs, on_change=self._table_changed
         )
         self.health = HealthServicer()
         self.port = 0
+        self.http_port: int | None = None
+        self.http: HttpServer | None = None
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -129,19 +145,38 @@ class MultiplexerServer:
         await self.health.set("", serving)
         await self.health.set(SERVICE_NAME, serving)
         self._server = server
+        if options.http_port is not None:
+            self.http = HttpServer(
+                self.router,
+                self.pool,
+                request_timeout=options.request_timeout_secs,
+                max_client_batch_size=options.max_client_batch_size,
+                payload_limit_bytes=options.http_payload_limit_bytes,
+            )
+            try:
+                self.http_port = await self.http.start(options.host, options.http_port)
+            except OSError as exc:
+                await server.stop(None)
+                raise HttpBindError(
+                    f"cannot listen on {options.host}:{options.http_port} (HTTP, "
+                    f"TEI_MANAGER_HTTP_PORT): {exc}"
+                ) from exc
         return self.port
 
     async def stop(self, grace: float | None = 10.0) -> None:
         """Refuse new calls, let in-flight ones finish within `grace` seconds, then close."""
         await self.health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(grace)
+        stops = [self._server.stop(grace)] if self._server is not None else []
+        if self.http is not None:
+            stops.append(self.http.stop(grace))
+        await asyncio.gather(*stops)
         await asyncio.to_thread(self.refresher.stop)
         await self.pool.close()
 
     def _table_changed(self, table: RoutingTable) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self.pool.retain, table.addresses)
+            self._loop.call_soon_threadsafe(self.router.retain, table)
 
 
 class BackgroundMultiplexer:

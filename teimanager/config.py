@@ -102,9 +102,6 @@ class MtlsConfig:
         return bool(self.server_cert and self.server_key)
 
 
-INSECURE_SECRET_KEY = "tei-manager-insecure-dev-key-set-SECRET_KEY-in-prod"
-
-
 @dataclass(frozen=True)
 class Config:
     # -- in the TOML file and the environment ------------------------------------------
@@ -120,6 +117,16 @@ class Config:
     # The address instances listen on (`--hostname`); the multiplexer dials
     # TEI_MANAGER_INSTANCE_HOST, which may differ (a container's name, another host's).
     instance_bind: str = setting("127.0.0.1", "TEI_MANAGER_INSTANCE_BIND", check=_ip_address)
+    # The HTTP data plane (in the multiplexer) and the admission queue.
+    http_enabled: bool = setting(True, "TEI_MANAGER_HTTP_ENABLED")
+    http_port: int = setting(9003, "TEI_MANAGER_HTTP_PORT", check=_port)
+    http_payload_limit_bytes: int = setting(
+        2_000_000, "TEI_MANAGER_HTTP_PAYLOAD_LIMIT", check=_at_least_one
+    )
+    max_client_batch_size: int = setting(
+        2048, "TEI_MANAGER_MAX_CLIENT_BATCH_SIZE", check=_at_least_one
+    )
+    queue_size: int = setting(1024, "TEI_MANAGER_QUEUE_SIZE")  # 0: refuse when all are busy
     # -- in the TOML file only ---------------------------------------------------------
     startup_timeout_secs: int = setting(300)
     max_failures_before_restart: int = setting(3)
@@ -156,8 +163,8 @@ class Config:
     prometheus_multiproc_dir: str = setting("", "PROMETHEUS_MULTIPROC_DIR", file=False)
     debug: bool = setting(False, "DEBUG", file=False)
     log_level: str = setting("INFO", "LOG_LEVEL", file=False, check=_log_level)
-    secret_key: str = setting(INSECURE_SECRET_KEY, "SECRET_KEY", file=False, secret=True)
-    allowed_hosts: tuple[str, ...] = setting(("*",), "ALLOWED_HOSTS", file=False)
+    secret_key: str = setting("", "SECRET_KEY", file=False, secret=True)  # "": generated
+    allowed_hosts: tuple[str, ...] = setting((), "ALLOWED_HOSTS", file=False)  # (): local names
     csrf_trusted_origins: tuple[str, ...] = setting((), "CSRF_TRUSTED_ORIGINS", file=False)
     superuser_username: str = setting("admin", "DJANGO_SUPERUSER_USERNAME", file=False)
     superuser_password: str = setting("", "DJANGO_SUPERUSER_PASSWORD", file=False, secret=True)

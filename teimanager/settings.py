@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import dj_database_url
 
+from teimanager import secret_key
 from teimanager.config import load_config_or_exit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -18,8 +20,30 @@ DEBUG = TEI.debug
 # A worker that exits stops its node's instances (Ctrl-C on `make run` leaves nothing).
 STOP_INSTANCES_ON_EXIT = TEI.stop_instances_on_exit
 
-SECRET_KEY = TEI.secret_key
-ALLOWED_HOSTS = list(TEI.allowed_hosts)
+
+def default_allowed_hosts(bind: str) -> list[str]:
+    """The names a request to this server may carry in its Host header when ALLOWED_HOSTS is
+    unset: localhost and the bind address, or the machine's name when bound to every
+    interface. Any other name (a DNS-rebinding attacker's, say) gets a 400."""
+    hosts = ["localhost", "127.0.0.1", "[::1]"]
+    if bind in ("0.0.0.0", "::", "[::]"):
+        hosts.append(socket.gethostname())
+    elif bind not in hosts:
+        hosts.append(f"[{bind}]" if ":" in bind and not bind.startswith("[") else bind)
+    return hosts
+
+
+# Sessions and CSRF tokens are signed with SECRET_KEY: without one in the environment, a
+# random key generated once into the state directory (every process of the node reads it).
+STATE_FILE = Path(TEI.state_file)
+try:
+    SECRET_KEY = TEI.secret_key or secret_key.load_or_create(STATE_FILE.parent)
+except secret_key.SecretKeyError as exc:
+    sys.stderr.write(f"TEI Manager configuration error: {exc}; or set SECRET_KEY\n")
+    raise SystemExit(2) from None
+ALLOWED_HOSTS = list(TEI.allowed_hosts) or default_allowed_hosts(TEI.bind)
+# Origins (scheme://host[:port]) besides the server's own that may POST to the admin and
+# the API: the public URL when a proxy terminates TLS in front of gunicorn.
 CSRF_TRUSTED_ORIGINS = list(TEI.csrf_trusted_origins)
 
 INSTALLED_APPS = [
@@ -32,6 +56,7 @@ INSTALLED_APPS = [
     "django_prometheus",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "instances",
     "multiplexer",
 ]
@@ -70,9 +95,10 @@ TEMPLATES = [
 
 # SQLite by default: four processes write to it, so WAL, a busy timeout and IMMEDIATE
 # transactions (a writer takes the lock up front instead of failing on upgrade).
-STATE_FILE = Path(TEI.state_file)
 if TEI.database_url:
-    DATABASES = {"default": dj_database_url.parse(TEI.database_url, conn_max_age=60)}
+    # No persistent connections: web runs Django under ASGI, where each request's sync code
+    # runs in a thread of its own and a kept connection would outlive it (Django's advice).
+    DATABASES = {"default": dj_database_url.parse(TEI.database_url, conn_max_age=0)}
 else:
     DATABASES = {
         "default": {
@@ -108,17 +134,26 @@ INSTANCE_HOST = TEI.instance_host
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "DEFAULT_PERMISSION_CLASSES": ["instances.api.origin.SameOriginWrites"],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "instances.api.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["instances.api.parsers.JSONParser"],
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "TEI Manager API",
     "DESCRIPTION": "Create, start, stop and watch text-embeddings-inference instances.",
     "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "instances.api.schema.forbid_unknown_fields",
+    ],
+    # Swagger UI's own files come from drf-spectacular-sidecar, served here: no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 CELERY_BROKER_URL = TEI.celery_broker_url

@@ -13,5 +13,6 @@ urlpatterns = [
     path("", include("instances.api.urls")),
 ]
 
+handler400 = "instances.api.errors.bad_request"
 handler404 = "instances.api.errors.not_found"
 handler500 = "instances.api.errors.server_error"

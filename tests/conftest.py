@@ -93,6 +93,8 @@ TEST_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     # One torch thread per instance: steadier than one per core on a loaded 2-core runner.
     "LOCALTEI_NUM_THREADS": "1",
+    # A `runmultiplexer` under test serves HTTP only where it asks for a free --http-port.
+    "TEI_MANAGER_HTTP_ENABLED": "false",
     "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "proto")]),
 }
 

@@ -1,8 +1,9 @@
 """The suite's one stand-in: NVML, for the GPUs this machine does not have.
 
 `use_fake_gpus(monkeypatch, cards)` makes `instances.gpu` see `cards`, each
-(name, memory used, memory total, utilisation %); monkeypatch undoes it. Without it the
-tests meet the real pynvml, which finds no GPU here.
+(name, memory used, memory total, utilisation %); `use_no_nvml(monkeypatch)` makes it see
+a host without NVML (no driver), whatever this machine has. monkeypatch undoes both.
+Without them the tests meet the real pynvml, which may or may not find a GPU.
 """
 
 from __future__ import annotations
@@ -42,4 +43,14 @@ def fake_pynvml(cards: list[Card]) -> types.SimpleNamespace:
 
 def use_fake_gpus(monkeypatch: pytest.MonkeyPatch, cards: list[Card]) -> None:
     monkeypatch.setattr(gpu, "pynvml", fake_pynvml(cards))
+    monkeypatch.setattr(gpu, "_initialised", False)
+
+
+def use_no_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_driver() -> None:
+        raise FakeNvmlError("Driver Not Loaded")
+
+    nvml = fake_pynvml([])
+    nvml.nvmlInit = no_driver
+    monkeypatch.setattr(gpu, "pynvml", nvml)
     monkeypatch.setattr(gpu, "_initialised", False)

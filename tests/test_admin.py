@@ -229,10 +229,23 @@ def test_it_deletes_in_bulk_after_a_confirmation(admin_client: Client) -> None:
 
 
 def test_it_says_which_instances_vanished_before_an_action(admin_client: Client) -> None:
-    a = make("a", 8100, status="stopped")
-    Instance.objects.filter(pk=a.pk).delete()
-    response = act(admin_client, "start_selected", a)
-    assert response.status_code == 200  # Django: "Items must be selected…", never a 500
+    a = make("a", 8100, status="stopped", desired_state="stopped")
+    b = make("b", 8101, status="stopped", desired_state="stopped")
+    c = make("c", 8102, status="stopped", desired_state="stopped")
+    Instance.objects.filter(pk__in=[a.pk, b.pk]).delete()  # by someone else, meanwhile
+    response = act(admin_client, "start_selected", a, b, c)
+    assert response.status_code == 200
+    assert texts(response) == [
+        "Cannot start: 2 selected instances no longer exist (deleted meanwhile).",
+        "Starting 1 instance: c.",
+    ]
+    assert Instance.objects.get().status == "pending"
+    # All of them gone: Django still runs the action, on nothing; it says so.
+    Instance.objects.all().delete()
+    response = act(admin_client, "stop_selected", c)
+    assert texts(response) == [
+        "Cannot stop: 1 selected instance no longer exists (deleted meanwhile)."
+    ]
 
 
 # -- the add form --

@@ -11,9 +11,9 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from instances import dashboard, gpu, health
+from instances import dashboard, health
 from instances.models import Heartbeat, Instance
-from tests.fake_nvml import use_fake_gpus
+from tests.fake_nvml import use_fake_gpus, use_no_nvml
 
 pytestmark = pytest.mark.django_db
 
@@ -103,9 +103,10 @@ def test_it_shows_each_gpu_with_memory_utilisation_and_pinned_instances(
     assert "No NVIDIA GPU detected" not in page
 
 
-def test_it_says_no_gpu_detected_on_a_machine_without_one(admin_client: Client) -> None:
-    if gpu.device_count():
-        pytest.skip("this machine has an NVIDIA GPU")
+def test_it_says_no_gpu_detected_on_a_machine_without_one(
+    admin_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_no_nvml(monkeypatch)
     assert dashboard.gpu_panel().gpus == []
     assert "No NVIDIA GPU detected" in admin_client.get(INDEX).content.decode()
 

@@ -14,7 +14,7 @@ from django.conf import settings
 
 from instances import gpu
 from instances.models import Heartbeat, Instance, Status
-from tests.fake_nvml import use_fake_gpus
+from tests.fake_nvml import use_fake_gpus, use_no_nvml
 
 pytestmark = pytest.mark.django_db
 
@@ -190,9 +190,12 @@ def test_it_checks_gpu_id_against_nvml(api: Any, monkeypatch: pytest.MonkeyPatch
     assert_error(create(api, name="neg", gpu_id=-1), 400, "INVALID_GPU_ID")
 
 
-def test_it_accepts_a_gpu_id_when_there_is_no_gpu_to_check(api: Any) -> None:
-    assert gpu.device_count() is None  # this machine's real NVML: no GPU, nothing to check
-    assert create(api, name="gpu", gpu_id=0).status_code == 201
+def test_it_accepts_a_gpu_id_when_there_is_no_gpu_to_check(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_no_nvml(monkeypatch)
+    assert gpu.device_count() is None  # no NVML: nothing to check against
+    assert create(api, name="gpu", gpu_id=3).status_code == 201
 
 
 def test_it_answers_404_for_unknown_instances(api: Any) -> None:

@@ -65,6 +65,23 @@ def test_it_lets_the_file_beat_defaults_and_the_environment_beat_the_file(tmp_pa
     assert load_config(env={"TEI_MANAGER_CONFIG": path}).api_port == 9100
 
 
+def test_it_reads_the_http_data_plane_and_admission_keys(tmp_path: Path) -> None:
+    defaults = load_config(env={})
+    assert (defaults.http_enabled, defaults.http_port) == (True, 9003)
+    assert (defaults.max_client_batch_size, defaults.queue_size) == (2048, 1024)
+    assert defaults.http_payload_limit_bytes == 2_000_000
+    path = write(tmp_path, "http_port = 9103\nqueue_size = 8\nmax_client_batch_size = 64\n")
+    env = {
+        "TEI_MANAGER_HTTP_PORT": "9203",
+        "TEI_MANAGER_HTTP_ENABLED": "false",
+        "TEI_MANAGER_QUEUE_SIZE": "0",
+        "TEI_MANAGER_HTTP_PAYLOAD_LIMIT": "1000",
+    }
+    config = load_config(path, env=env)
+    assert (config.http_port, config.http_enabled, config.queue_size) == (9203, False, 0)
+    assert (config.max_client_batch_size, config.http_payload_limit_bytes) == (64, 1000)
+
+
 @pytest.mark.parametrize(
     ("text", "env", "key"),
     [
@@ -76,6 +93,10 @@ def test_it_lets_the_file_beat_defaults_and_the_environment_beat_the_file(tmp_pa
         ("max_instances = -1", {}, "max_instances"),
         ("grpc_request_timeout_secs = 0", {}, "grpc_request_timeout_secs"),
         ("auto_restore_on_restart = 3", {}, "auto_restore_on_restart"),
+        ("", {"TEI_MANAGER_HTTP_PORT": "0"}, "http_port"),
+        ("", {"TEI_MANAGER_QUEUE_SIZE": "-1"}, "queue_size"),
+        ("max_client_batch_size = 0", {}, "max_client_batch_size"),
+        ("", {"TEI_MANAGER_HTTP_PAYLOAD_LIMIT": "big"}, "http_payload_limit_bytes"),
         ("instance_port_start = 9000\ninstance_port_end = 8000", {}, "instance_port_start"),
         ("no_such_key = 1", {}, "no_such_key"),
         ("instances = 3", {}, "instances"),
@@ -233,6 +254,7 @@ def test_only_the_config_module_reads_the_environment() -> None:
         "manage.py": ("setdefault", "take_config_option(sys.argv, os.environ)"),
         "teimanager/celery.py": ("setdefault",),
         "teimanager/wsgi.py": ("setdefault",),
+        "teimanager/asgi.py": ("setdefault",),
         "teimanager/probe.py": ("setdefault",),
         "instances/launch.py": (
             "os.environ.items() if passes(name)",
@@ -259,7 +281,7 @@ def test_only_the_config_module_reads_the_environment() -> None:
     [
         (["manage.py", "check"], "DEBUG", "flase"),
         (["manage.py", "runmultiplexer"], "TEI_MANAGER_MULTIPLEXER_METRICS_PORT", "abc"),
-        (["-m", "gunicorn", "teimanager.wsgi", "--config", "python:teimanager.gunicorn_conf"],
+        (["-m", "gunicorn", "teimanager.asgi", "--config", "python:teimanager.gunicorn_conf"],
          "TEI_MANAGER_WEB_WORKERS", "many"),
         (["-m", "celery", "-A", "teimanager", "worker"], "LOG_LEVEL", "LOUD"),
         (["-m", "celery", "-A", "teimanager", "beat"], "DATABASE_URL", "nonsense"),

@@ -142,6 +142,7 @@ def test_it_publishes_the_configured_ports_on_loopback_only(services: dict[str, 
     assert published["multiplexer"] == [
         f"127.0.0.1:{DEFAULTS.grpc_port}:{DEFAULTS.grpc_port}",
         f"127.0.0.1:{DEFAULTS.multiplexer_metrics_port}:{DEFAULTS.multiplexer_metrics_port}",
+        f"127.0.0.1:{DEFAULTS.http_port}:{DEFAULTS.http_port}",
     ]
     for name in ("worker", "beat", "redis", "postgres"):
         assert not published[name], f"{name} publishes {published[name]}"
@@ -235,7 +236,12 @@ def test_the_image_is_the_one_compose_builds(services: dict[str, Any]) -> None:
         assert context == ROOT and (context / build["dockerfile"]) == DOCKERFILE, name
     text = DOCKERFILE.read_text()
     exposed = {int(port) for port in re.findall(r"^EXPOSE (.+)$", text, re.M)[0].split()}
-    assert exposed == {DEFAULTS.api_port, DEFAULTS.grpc_port, DEFAULTS.multiplexer_metrics_port}
+    assert exposed == {
+        DEFAULTS.api_port,
+        DEFAULTS.grpc_port,
+        DEFAULTS.multiplexer_metrics_port,
+        DEFAULTS.http_port,
+    }
     known = set(env_vars()) | {CONFIG_FILE_ENV} | LIBRARY_VARS
     assert set(dockerfile_env()) <= known
     config_file = dockerfile_env()[CONFIG_FILE_ENV]

@@ -10,7 +10,7 @@ import pytest
 
 from instances import gpu, services
 from instances.models import Instance, Status
-from tests.fake_nvml import use_fake_gpus
+from tests.fake_nvml import use_fake_gpus, use_no_nvml
 
 pytestmark = pytest.mark.django_db
 
@@ -51,6 +51,7 @@ def test_it_reports_gpus_from_nvml(api: Any, monkeypatch: pytest.MonkeyPatch) ->
     assert 'tei_manager_gpu_utilization_percent{gpu="0",name="NVIDIA H100"} 40.0' in text
 
 
-def test_it_has_no_gpu_series_without_nvml(api: Any) -> None:
-    assert gpu.device_count() is None  # this machine's real NVML
+def test_it_has_no_gpu_series_without_nvml(api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_no_nvml(monkeypatch)
+    assert gpu.device_count() is None
     assert "tei_manager_gpu_" not in scrape(api)

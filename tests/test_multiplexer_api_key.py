@@ -1,5 +1,6 @@
 """An instance started with `--api-key`: the key is checked by localtei, and the
-multiplexer passes the client's `authorization` header on for every kind of call.
+multiplexer passes the client's `authorization` header on for every kind of call, gRPC
+metadata and HTTP header alike.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tei_multiplexer.v1 import multiplexer_pb2_grpc
 
 from multiplexer.benchclient import text_batch
 from multiplexer.server import BackgroundMultiplexer, ServerOptions
+from tests.http_client import request
 from tests.localtei_fixtures import MINILM_ID, LocalTEI, start_localtei
 from tests.test_multiplexer import add_instance, rpc_error
 
@@ -35,7 +37,7 @@ def locked() -> Iterator[LocalTEI]:
 
 @pytest.fixture(scope="module")
 def multiplexer() -> Iterator[BackgroundMultiplexer]:
-    with BackgroundMultiplexer(ServerOptions(host="127.0.0.1", port=0)) as background:
+    with BackgroundMultiplexer(ServerOptions(host="127.0.0.1", port=0, http_port=0)) as background:
         yield background
 
 
@@ -93,3 +95,24 @@ def test_the_multiplexer_passes_the_key_on_for_arrow_batches(stub: Any) -> None:
     assert table.num_rows == len(TEXTS)
     error = rpc_error(lambda: stub.EmbedArrow(request))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_http_data_plane_passes_the_authorization_header_on(
+    stub: Any, multiplexer: BackgroundMultiplexer
+) -> None:
+    import openai
+
+    base = f"http://127.0.0.1:{multiplexer.server.http_port}"  # type: ignore[union-attr]
+    owner = {"Authorization": f"Bearer {KEY}"}
+    answered = request(f"{base}/instances/locked/embed", {"inputs": TEXTS}, headers=owner)
+    assert answered.status == 200 and len(answered.json) == 2
+    for headers in (None, {"Authorization": "Bearer guess"}):
+        refused = request(f"{base}/instances/locked/embed", {"inputs": "x"}, headers=headers)
+        assert (refused.status, refused.json["error_type"]) == (401, "Unauthorized")
+
+    # The OpenAI SDK sends its api_key as that bearer token.
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    assert len(client.embeddings.create(model="locked", input="x").data[0].embedding) == 384
+    stranger = openai.OpenAI(base_url=f"{base}/v1", api_key="guess", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.embeddings.create(model="locked", input="x")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from tei.v1 import tei_pb2
@@ -107,24 +109,30 @@ def test_it_maps_each_routing_failure_to_its_status_code() -> None:
 
 
 def test_it_sends_the_next_call_to_the_replica_with_fewest_in_flight() -> None:
-    router = Router(routes())
-    first = router.pick(Target(model_id=MINILM))
-    second = router.pick(Target(model_id=MINILM))
-    assert {first.name, second.name} == {"a-replica", "b-replica"}
-    router.release(first)
-    assert router.pick(Target(model_id=MINILM)).name == first.name
-    assert router.in_flight == {first.name: 1, second.name: 1}
+    async def scenario() -> None:
+        router = Router(routes())
+        first = await router.acquire(Target(model_id=MINILM), None)
+        second = await router.acquire(Target(model_id=MINILM), None)
+        assert {first.name, second.name} == {"a-replica", "b-replica"}
+        router.release(first)
+        assert (await router.acquire(Target(model_id=MINILM), None)).name == first.name
+        assert (router.in_flight(first.name), router.in_flight(second.name)) == (1, 1)
+
+    asyncio.run(scenario())
 
 
 def test_it_takes_turns_among_idle_replicas() -> None:
-    router = Router(routes())
-    names = []
-    for _ in range(6):
-        route = router.pick(Target(model_id=MINILM))
-        names.append(route.name)
-        router.release(route)
-    assert names.count("a-replica") == 3 and names.count("b-replica") == 3
-    assert router.in_flight == {}
+    async def scenario() -> None:
+        router = Router(routes())
+        names = []
+        for _ in range(6):
+            route = await router.acquire(Target(model_id=MINILM), None)
+            names.append(route.name)
+            router.release(route)
+        assert names.count("a-replica") == 3 and names.count("b-replica") == 3
+        assert router.in_flight("a-replica") == router.in_flight("b-replica") == 0
+
+    asyncio.run(scenario())
 
 
 def test_it_dials_a_usable_address() -> None:

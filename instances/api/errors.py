@@ -1,11 +1,16 @@
 """The one error shape: `{"error", "code", "timestamp"}`, for DRF exceptions, our own,
-unknown paths (handler404) and crashes (handler500)."""
+bad requests Django refuses before any view (handler400: a Host not in ALLOWED_HOSTS, a
+body over DATA_UPLOAD_MAX_MEMORY_SIZE), unknown paths (handler404), crashes (handler500),
+and what gunicorn refuses before Django (`http_error`: an over-long URL or header)."""
 
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
+from django.conf import settings
+from django.core import exceptions as django_exceptions
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views import defaults
@@ -14,12 +19,17 @@ from rest_framework.response import Response
 
 from instances.api.serializers import iso, validation_error
 from instances.errors import (
+    BadRequest,
+    DisallowedHost,
+    HeadersTooLarge,
     InternalError,
     MalformedJson,
     MethodNotAllowed,
     NotFound,
+    RequestTooLarge,
     TeiManagerError,
     UnsupportedMediaType,
+    UriTooLong,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,46 @@ def as_error(exc: Exception) -> TeiManagerError | None:
 
 def body(error: TeiManagerError) -> dict[str, str]:
     return {"error": error.message, "code": error.code, "timestamp": iso(timezone.now())}
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _is_html_area(request):
+        return defaults.bad_request(request, exception or Exception())
+    if isinstance(exception, django_exceptions.DisallowedHost):
+        error: TeiManagerError = DisallowedHost(str(exception))
+    elif isinstance(exception, django_exceptions.RequestDataTooBig):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        error = RequestTooLarge(f"the request body is over {limit} bytes")
+    else:
+        error = BadRequest()
+    return JsonResponse(body(error), status=error.status_code)
+
+
+# What gunicorn answers itself, before any Django code runs.
+_HTTP_ERRORS: dict[int, type[TeiManagerError]] = {
+    400: BadRequest,
+    413: RequestTooLarge,
+    414: UriTooLong,
+    431: HeadersTooLarge,
+}
+
+
+def http_error(status: int, message: str) -> dict[str, str]:
+    """The envelope for an error status the HTTP server sends on its own."""
+    kind = _HTTP_ERRORS.get(status)
+    if kind is not None:
+        return body(kind(message or None))
+    error = TeiManagerError(message or None)
+    error.status_code = status
+    error.code = _status_code_name(status)
+    return body(error)
+
+
+def _status_code_name(status: int) -> str:
+    try:
+        return HTTPStatus(status).name
+    except ValueError:
+        return "HTTP_ERROR"
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

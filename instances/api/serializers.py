@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, overload
 
+from django.core.validators import RegexValidator
 from django.db import connection
 from rest_framework import serializers
 
@@ -22,8 +23,17 @@ from instances.launch import refuse_managed_flags
 from instances.models import Instance, Pooling
 from teimanager.config import ConfigError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-MAX_INT = 2**31 - 1
+# \A…\Z, not ^…$: "$" also matches before a trailing newline, and a name names a file.
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+NAME_RULE = "must be 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+# A model id becomes one argv element: no leading '-' (a flag), no whitespace or control
+# characters (validate_model_id also refuses the other unprintable ones).
+MODEL_ID_RE = re.compile(r"\A[^\s\x00-\x1f\x7f-\x9f-][^\s\x00-\x1f\x7f-\x9f]*\Z")
+MODEL_ID_RULE = "must not start with '-' or contain whitespace or control characters"
+MAX_INT = 2**31 - 1  # the range of the integer columns
+PORT_MIN, PORT_MAX = 1024, 65535
+PORT_RULE = f"must be between {PORT_MIN} and {PORT_MAX}"
+GPU_ID_TOO_BIG = f"must be {MAX_INT} or less"
 
 
 class StrictCharField(serializers.CharField):
@@ -36,11 +46,47 @@ class StrictCharField(serializers.CharField):
 
 
 class InstanceCreateSerializer(serializers.Serializer):
-    name = StrictCharField(max_length=64, trim_whitespace=False)
-    model_id = StrictCharField(max_length=255, trim_whitespace=False)
-    port = serializers.IntegerField(required=False, allow_null=True, default=None)
-    prometheus_port = serializers.IntegerField(required=False, allow_null=True, default=None)
-    gpu_id = serializers.IntegerField(required=False, allow_null=True, default=None)
+    name = StrictCharField(
+        min_length=1,
+        max_length=64,
+        trim_whitespace=False,
+        validators=[RegexValidator(NAME_RE, NAME_RULE)],
+        help_text="Letters, digits, '-' and '_', from a letter or digit; names the log file.",
+    )
+    model_id = StrictCharField(
+        min_length=1,
+        max_length=255,
+        trim_whitespace=False,
+        validators=[RegexValidator(MODEL_ID_RE, MODEL_ID_RULE)],
+        help_text="A Hugging Face model id (org/name) or a local directory.",
+    )
+    port = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,
+        min_value=PORT_MIN,
+        max_value=PORT_MAX,
+        error_messages={"min_value": PORT_RULE, "max_value": PORT_RULE},
+        help_text="Taken from the configured range when left out.",
+    )
+    prometheus_port = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,
+        min_value=PORT_MIN,
+        max_value=PORT_MAX,
+        error_messages={"min_value": PORT_RULE, "max_value": PORT_RULE},
+        help_text="Taken from the configured range when left out.",
+    )
+    gpu_id = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,
+        min_value=0,
+        max_value=MAX_INT,
+        error_messages={"min_value": "must be 0 or more", "max_value": GPU_ID_TOO_BIG},
+        help_text="Checked against the GPUs NVML reports, where NVML answers.",
+    )
     max_batch_tokens = serializers.IntegerField(min_value=1, max_value=MAX_INT, default=16384)
     max_concurrent_requests = serializers.IntegerField(min_value=1, max_value=MAX_INT, default=512)
     pooling = serializers.ChoiceField(
@@ -64,13 +110,6 @@ class InstanceCreateSerializer(serializers.Serializer):
                 raise serializers.ValidationError({unknown[0]: ["unknown field"]})
         return super().to_internal_value(data)
 
-    def validate_name(self, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise serializers.ValidationError(
-                "must be 1-64 letters, digits, '-' or '_', starting with a letter or digit"
-            )
-        return value
-
     def validate_model_id(self, value: str) -> str:
         if not value.strip():
             raise serializers.ValidationError("must not be empty")
@@ -80,17 +119,9 @@ class InstanceCreateSerializer(serializers.Serializer):
             raise serializers.ValidationError("must not contain whitespace or control characters")
         return value
 
-    def validate_port(self, value: int | None) -> int | None:
-        return _check_port(value)
-
-    def validate_prometheus_port(self, value: int | None) -> int | None:
-        return _check_port(value)
-
     def validate_gpu_id(self, value: int | None) -> int | None:
         if value is None:
             return None
-        if value < 0:
-            raise serializers.ValidationError("must be 0 or more")
         count = gpu.device_count()
         if count is not None and value >= count:
             raise serializers.ValidationError(f"no GPU {value}: this host has {count} GPU(s)")
@@ -112,12 +143,6 @@ class InstanceCreateSerializer(serializers.Serializer):
         if port is not None and port == prometheus_port:
             raise serializers.ValidationError({"prometheus_port": ["must differ from port"]})
         return attrs
-
-
-def _check_port(value: int | None) -> int | None:
-    if value is not None and not 1024 <= value <= 65535:
-        raise serializers.ValidationError("must be between 1024 and 65535")
-    return value
 
 
 # Which exception a field's error becomes; every other field gives VALIDATION_ERROR.
@@ -168,6 +193,10 @@ def _first_message(detail: Any) -> str:
 
 
 class InstanceSerializer(serializers.ModelSerializer):
+    # Declared, not derived: a read-only model field loses allow_blank, and "" (the model's
+    # own pooling) belongs in the schema's enum.
+    pooling = serializers.ChoiceField(choices=Pooling.choices, allow_blank=True, read_only=True)
+
     class Meta:
         model = Instance
         fields = [

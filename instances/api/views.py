@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.decorators import api_view
@@ -14,6 +15,7 @@ from rest_framework.views import APIView
 from instances import metrics as instance_metrics
 from instances import services
 from instances.api.errors import body
+from instances.api.schema import errors
 from instances.api.serializers import (
     InstanceCreateSerializer,
     InstanceSerializer,
@@ -25,13 +27,38 @@ from instances.api.serializers import (
 from instances.errors import MethodNotAllowed, ValidationFailed
 from instances.health import evaluate as evaluate_health
 
+_INVALID_FIELD = ["VALIDATION_ERROR", "INVALID_PORT", "INVALID_GPU_ID"]
+_NO_INSTANCE = {404: ["INSTANCE_NOT_FOUND"]}
+# A log line number: Python slice semantics, at most 18 digits.
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+_LINE = {"type": "integer", "minimum": -(10**18) + 1, "maximum": 10**18 - 1}
+
+
+class _DeletedSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    deleted = serializers.BooleanField()
+
 
 class InstanceList(APIView):
-    @extend_schema(responses=InstanceSerializer(many=True))
+    @extend_schema(responses={200: InstanceSerializer(many=True), **errors()})
     def get(self, request: Request) -> HttpResponse:
         return HttpResponse(list_instances_json(), content_type="application/json")
 
-    @extend_schema(request=InstanceCreateSerializer, responses={201: InstanceSerializer})
+    @extend_schema(
+        request=InstanceCreateSerializer,
+        responses={
+            201: InstanceSerializer,
+            **errors(
+                {
+                    400: _INVALID_FIELD,
+                    409: ["INSTANCE_EXISTS"],
+                    422: ["PORT_CONFLICT", "MAX_INSTANCES_REACHED"],
+                },
+                changes_state=True,
+                body=True,
+            ),
+        },
+    )
     def post(self, request: Request) -> Response:
         serializer = InstanceCreateSerializer(data=request.data)
         if not serializer.is_valid():
@@ -41,30 +68,45 @@ class InstanceList(APIView):
 
 
 class InstanceDetail(APIView):
-    @extend_schema(responses=InstanceSerializer)
+    @extend_schema(responses={200: InstanceSerializer, **errors(_NO_INSTANCE)})
     def get(self, request: Request, name: str) -> Response:
         return Response(InstanceSerializer(services.get_instance(name)).data)
 
-    @extend_schema(responses={200: OpenApiTypes.OBJECT})
+    @extend_schema(responses={200: _DeletedSerializer, **errors(_NO_INSTANCE, changes_state=True)})
     def delete(self, request: Request, name: str) -> Response:
         services.delete_instance(name)
         return Response({"name": name, "deleted": True})
 
 
 class StartInstance(APIView):
-    @extend_schema(request=None, responses=InstanceSerializer)
+    @extend_schema(
+        request=None,
+        responses={
+            200: InstanceSerializer,
+            **errors({**_NO_INSTANCE, 409: ["ALREADY_RUNNING"]}, changes_state=True),
+        },
+    )
     def post(self, request: Request, name: str) -> Response:
         return Response(InstanceSerializer(services.start_instance(name)).data)
 
 
 class StopInstance(APIView):
-    @extend_schema(request=None, responses=InstanceSerializer)
+    @extend_schema(
+        request=None,
+        responses={
+            200: InstanceSerializer,
+            **errors({**_NO_INSTANCE, 409: ["NOT_RUNNING"]}, changes_state=True),
+        },
+    )
     def post(self, request: Request, name: str) -> Response:
         return Response(InstanceSerializer(services.stop_instance(name)).data)
 
 
 class RestartInstance(APIView):
-    @extend_schema(request=None, responses=InstanceSerializer)
+    @extend_schema(
+        request=None,
+        responses={200: InstanceSerializer, **errors(_NO_INSTANCE, changes_state=True)},
+    )
     def post(self, request: Request, name: str) -> Response:
         return Response(InstanceSerializer(services.restart_instance(name)).data)
 
@@ -72,10 +114,13 @@ class RestartInstance(APIView):
 class InstanceLogs(APIView):
     @extend_schema(
         parameters=[
-            OpenApiParameter("start", int, description="first line (Python slice, may be < 0)"),
-            OpenApiParameter("end", int, description="end line, exclusive (may be < 0)"),
+            OpenApiParameter("start", _LINE, description="first line (Python slice, may be < 0)"),
+            OpenApiParameter("end", _LINE, description="end line, exclusive (may be < 0)"),
         ],
-        responses=LogsSerializer,
+        responses={
+            200: LogsSerializer,
+            **errors({**_NO_INSTANCE, 400: ["VALIDATION_ERROR"]}),
+        },
     )
     def get(self, request: Request, name: str) -> Response:
         start = _int_param(request, "start")
@@ -91,7 +136,7 @@ class _HealthSerializer(serializers.Serializer):
     starting = serializers.ListField(child=serializers.CharField())
 
 
-@extend_schema(responses={200: _HealthSerializer, 503: _HealthSerializer})
+@extend_schema(responses={200: _HealthSerializer, 503: _HealthSerializer, **errors()})
 @api_view(["GET"])
 def health(request: Request) -> Response:
     """200 when the database answers and no heartbeat is stale, else 503 naming the stale
@@ -120,9 +165,8 @@ def metrics(request: HttpRequest) -> HttpResponse:
 
 def _int_param(request: Request, key: str) -> int | None:
     raw = request.query_params.get(key)
-    if raw is None or raw == "":
+    if raw is None:
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValidationFailed(f"{key}: must be an integer, got {raw!r}") from None
+    if not _INTEGER.fullmatch(raw):
+        raise ValidationFailed(f"{key}: must be an integer, got {raw[:50]!r}")
+    return int(raw)

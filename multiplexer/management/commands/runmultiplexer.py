@@ -1,4 +1,4 @@
-"""`python manage.py runmultiplexer`: the gRPC data plane, until SIGTERM or SIGINT."""
+"""`python manage.py runmultiplexer`: the data plane (gRPC and HTTP), until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -10,11 +10,20 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from multiplexer.metrics import serve_metrics
-from multiplexer.server import LOOP_KINDS, MultiplexerServer, ServerOptions, event_loop_factory
+from multiplexer.server import (
+    LOOP_KINDS,
+    HttpBindError,
+    MultiplexerServer,
+    ServerOptions,
+    event_loop_factory,
+)
 
 
 class Command(BaseCommand):
-    help = "Run the gRPC multiplexer (TeiMultiplexer, health, reflection) on TEI_MANAGER_GRPC_PORT."
+    help = (
+        "Run the multiplexer: gRPC (TeiMultiplexer, health, reflection) on TEI_MANAGER_GRPC_PORT "
+        "and the HTTP data plane on TEI_MANAGER_HTTP_PORT."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -23,6 +32,13 @@ class Command(BaseCommand):
             help="address to listen on (TEI_MANAGER_GRPC_HOST, else TEI_MANAGER_BIND)",
         )
         parser.add_argument("--port", type=int, default=None, help="default: grpc_port")
+        parser.add_argument(
+            "--http-port",
+            type=int,
+            default=None,
+            help="HTTP data plane port, 0 for any free one (default: http_port, none when "
+            "http_enabled is false)",
+        )
         parser.add_argument(
             "--grace",
             type=float,
@@ -68,6 +84,7 @@ class Command(BaseCommand):
             settings.TEI,
             host=options["host"],
             port=options["port"],
+            http_port=options["http_port"],
             refresh_interval_secs=options["refresh_interval"],
         )
         try:
@@ -80,7 +97,8 @@ class Command(BaseCommand):
         server = MultiplexerServer(server_options)
         try:
             port = await server.start()
-        except ValueError as exc:  # an [auth.mtls] file went away after the system check
+        except (HttpBindError, ValueError) as exc:
+            # ValueError: an [auth.mtls] file went away after the system check.
             raise CommandError(str(exc)) from None
         except RuntimeError as exc:
             raise CommandError(
@@ -90,6 +108,7 @@ class Command(BaseCommand):
         loop_kind = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
         self.stdout.write(
             f"The multiplexer is now running on {options['host']}:{port} ({scheme}, {loop_kind}), "
+            f"HTTP on port {server.http_port or 'none'}, "
             f"metrics on port {options['metrics_port'] or 'none'}.",
         )
         await stop.wait()
