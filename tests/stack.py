@@ -180,7 +180,7 @@ class Web(Service):
     """gunicorn, as the Procfile and the systemd unit run it."""
 
     def __init__(self, env: dict[str, str], log_file: Path, port: int) -> None:
-        command = [sys.executable, "-m", "gunicorn", "teimanager.wsgi"]
+        command = [sys.executable, "-m", "gunicorn", "teimanager.asgi"]
         command += ["--config", "python:teimanager.gunicorn_conf"]
         super().__init__("web", command, env, log_file)
         self.port = port
@@ -239,7 +239,7 @@ class Stack:
         # (tests/conftest.py, 20000-40000), so that no outgoing connection takes one while
         # its instance restarts.
         self.port_base = random.Random(name).randrange(10000, 20000, 100)
-        self.api_port, self.grpc_port, self.redis_port = free_ports(3)
+        self.api_port, self.grpc_port, self.http_port, self.redis_port = free_ports(4)
         config = self.dir / "tei-manager.toml"
         config.write_text(
             f"""
@@ -267,6 +267,7 @@ prometheus_port_end = {self.port_base + 99}
             TEI_MANAGER_NODE=self.node,
             TEI_MANAGER_API_PORT=str(self.api_port),
             TEI_MANAGER_GRPC_PORT=str(self.grpc_port),
+            TEI_MANAGER_HTTP_PORT=str(self.http_port),
             TEI_MANAGER_MULTIPLEXER_METRICS_PORT="0",
             CELERY_BROKER_URL=f"redis://127.0.0.1:{self.redis_port}/0",
             CELERY_TASK_DEFAULT_QUEUE=f"{name}-tick",
