@@ -6,4 +6,4 @@ class AccessConfig(AppConfig):
     verbose_name = "Access: API keys and audit trail"
 
     def ready(self) -> None:
-        from access import checks  # noqa: F401  (registers the system checks)
+        from access import checks, schema  # noqa: F401  (system checks, schema extensions)
