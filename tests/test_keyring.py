@@ -11,7 +11,7 @@ import pytest
 from django.utils import timezone
 
 from access import keys
-from multiplexer.keys import Bucket, Keyring, KeyRefusal, load_key_table
+from multiplexer.keys import Bucket, KeyRefusal, Keyring, load_key_table
 from multiplexer.routing import Route, RoutingError, RoutingTable
 from multiplexer.wire import Target
 
