@@ -27,7 +27,7 @@ from multiplexer.http import openapi, schemas
 from multiplexer.http.errors import HttpError, from_exception, render, shape_of
 from multiplexer.http.openai import OpenAIApi
 from multiplexer.http.tei import Answer, Call, TeiApi, parse
-from multiplexer.keys import Keyring, bearer
+from multiplexer.keys import KeyEntry, Keyring, bearer
 from multiplexer.metrics import UNROUTED, HttpMetrics
 from multiplexer.routing import Router
 from multiplexer.wire import Target
@@ -38,7 +38,8 @@ TARGETS = (("/instances/{name}", "name"), ("/models/{model_id:.+}", "model_id"))
 CLIENT_CLOSED = 499  # the client went away first (nginx's convention)
 _JSON = "application/json"
 INSTANCE = web.RequestKey("instance", str)  # the metrics label, once routed
-GRANT = "grant"  # the request's key, as Keyring.check returns it (None: an open fleet)
+# The request's key, as Keyring.check returns it (None: an open fleet).
+GRANT: web.RequestKey[KeyEntry | None] = web.RequestKey("grant")
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs"})
 
 Run = Callable[[TeiApi, Call, Any], Awaitable[Answer]]
