@@ -54,11 +54,20 @@ def record(
 
 
 @contextmanager
-def recording(actor: Actor, action: str, subject_kind: str, subject: str) -> Iterator[None]:
+def recording(
+    actor: Actor,
+    action: str,
+    subject_kind: str,
+    subject: str,
+    unrecorded: tuple[type[Exception], ...] = (),
+) -> Iterator[None]:
     """Record the change made inside the block: "ok", or the code of the error it raised
-    (a TeiManagerError's `code`, else the exception's class name), which goes on."""
+    (a TeiManagerError's `code`, else the exception's class name), which goes on. An
+    `unrecorded` error (the subject does not exist: nothing was there to change) is not."""
     try:
         yield
+    except unrecorded:
+        raise
     except Exception as exc:
         code = getattr(exc, "code", None)
         result = code if isinstance(code, str) else type(exc).__name__

@@ -44,6 +44,8 @@ _FRESH: dict[str, Any] = {
 
 
 SUBJECT = "instance"
+# A change asked of an instance that does not exist changes nothing: not in the trail.
+_UNRECORDED = (InstanceNotFound,)
 
 
 def create_instance(actor: Actor = SYSTEM, **fields: Any) -> Instance:
@@ -61,24 +63,24 @@ def create_instance(actor: Actor = SYSTEM, **fields: Any) -> Instance:
 
 
 def start_instance(name: str, actor: Actor = SYSTEM) -> Instance:
-    with audit.recording(actor, "start", SUBJECT, name):
+    with audit.recording(actor, "start", SUBJECT, name, _UNRECORDED):
         return _start(name)
 
 
 def stop_instance(name: str, actor: Actor = SYSTEM) -> Instance:
-    with audit.recording(actor, "stop", SUBJECT, name):
+    with audit.recording(actor, "stop", SUBJECT, name, _UNRECORDED):
         return _stop(name)
 
 
 def restart_instance(name: str, actor: Actor = SYSTEM) -> Instance:
     """Stop the process (if any) and start a new one; counts as a restart when one ran."""
-    with audit.recording(actor, "restart", SUBJECT, name):
+    with audit.recording(actor, "restart", SUBJECT, name, _UNRECORDED):
         return _restart(name)
 
 
 def delete_instance(name: str, actor: Actor = SYSTEM) -> None:
     """Remove the row now; the instance's worker stops the process left behind."""
-    with audit.recording(actor, "delete", SUBJECT, name):
+    with audit.recording(actor, "delete", SUBJECT, name, _UNRECORDED):
         _delete(name)
 
 
