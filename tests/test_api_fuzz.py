@@ -66,8 +66,10 @@ def test_the_api_answers_fuzzing_as_its_schema_says(fuzzed_web: LiveWeb) -> None
     schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{fuzzed_web.port}/api/schema")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) == 10
+    # /health takes no input; its verdict (200, or 503 while a part is stale, as here where
+    # no beat runs) is tests/test_health.py's to check.
+    operations = [operation for operation in operations if operation.path != "/health"]
     for index, operation in enumerate(operations):
-        alive()  # no worker, beat or multiplexer here: /health's verdict, fresh for a while
         for mode in MODES:
             fuzz(operation, mode)
         if operation.path_parameters:
@@ -75,15 +77,6 @@ def test_the_api_answers_fuzzing_as_its_schema_says(fuzzed_web: LiveWeb) -> None
             for mode in MODES:
                 fuzz(operation, mode, path_parameters={"name": name})
     assert fuzzed_web.process is not None and fuzzed_web.process.poll() is None
-
-
-def alive() -> None:
-    """The heartbeats /health judges, written now, as the running processes would."""
-    from instances.heartbeats import BEAT, MULTIPLEXER, RECONCILE, worker_name
-    from instances.models import Heartbeat
-
-    for name in (BEAT, RECONCILE, MULTIPLEXER, worker_name(FUZZ_NODE)):
-        Heartbeat.beat(name)
 
 
 def existing_instance(web: LiveWeb, name: str) -> str:
