@@ -7,7 +7,10 @@ then measures, interleaving the two paths so that drift hits both alike:
   passes bytes on (benchmarks/grpc_hop_floor.py: the floor of one Python gRPC hop);
 - 16 concurrent callers: Embed throughput;
 - a 20-message EmbedStream: time to the last answer;
-- EmbedArrow throughput against the model called in-process on the same texts.
+- EmbedArrow throughput against the model called in-process on the same texts;
+- the API key check: the same Info call through two multiplexers in the same run, one open
+  (TEI_MANAGER_AUTH_REQUIRED=false) and one that checks the call's key, interleaved; and the
+  check alone, in-process (multiplexer/keys.py's Keyring.check, a cached key).
 
 Writes benchmarks/results/multiplexer_overhead.md. Usage: python benchmarks/multiplexer_overhead.py
 """
@@ -57,6 +60,8 @@ UNARY_ROUNDS = 400
 CONCURRENCY, CONCURRENT_CALLS, CONCURRENT_ROUNDS = 16, 480, 6
 STREAM_MESSAGES, STREAM_REPEATS = 20, 15
 ARROW_TEXTS, ARROW_BATCH, ARROW_ROUNDS = 1024, 512, 3
+KEY_ROUNDS, KEY_CHECKS = 2000, 200_000
+KEY_CHECK_GOAL_US = 20.0
 
 
 def main() -> int:
@@ -80,6 +85,7 @@ def main() -> int:
         finally:
             multiplexer.stop()
             forwarder.stop()
+        rows += measure_key_check()
     finally:
         localtei.stop()
     report = render(rows)
@@ -200,6 +206,94 @@ def measure(direct: str, routed: str, forwarded: str) -> list[tuple[str, str, st
     ]
 
 
+def measure_key_check() -> list[tuple[str, str, str, str, str]]:
+    """Info through an open multiplexer and through one that checks a key, interleaved;
+    then Keyring.check alone, in this process, against the same table."""
+    from access import keys
+
+    secret = keys.create_key("bench", ["inference"]).secret  # the fleet is protected now
+    keyed = (("authorization", f"Bearer {secret}"),)
+    info = mux.InfoRequest(target=mux.Target(instance_name=NAME))
+    # Two open multiplexers and a keyed one: the two open ones tell how far apart two
+    # processes doing the same work land, the noise the keyed one is read against.
+    servers = [start_multiplexer(TEI_MANAGER_AUTH_REQUIRED="false") for _ in range(2)]
+    servers.append(start_multiplexer())
+    try:
+        channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for s in servers]
+        stubs = [multiplexer_pb2_grpc.TeiMultiplexerStub(c) for c in channels]
+        calls: dict[str, Callable[[], Any]] = {
+            "open": lambda: stubs[0].Info(info),
+            "open too": lambda: stubs[1].Info(info),
+            "keyed": lambda: stubs[2].Info(info, metadata=keyed),
+        }
+        for _ in range(200):
+            for call in calls.values():
+                call()
+        lat = interleaved(calls, KEY_ROUNDS)
+        for channel in channels:
+            channel.close()
+    finally:
+        for server in servers:
+            server.stop()
+    o50, t50, k50 = (percentile(lat[name], 50) for name in ("open", "open too", "keyed"))
+    check_us, open_us, first_us = in_process_key_check(secret)
+    return [
+        row(
+            "Info p50, no key (open) vs a key checked",
+            ms(o50),
+            ms(k50),
+            k50 / o50,
+            f"– (added {1e6 * (k50 - o50):.0f} µs end to end; a second open multiplexer "
+            f"differs from the first by {1e6 * (t50 - o50):.0f} µs)",
+            None,
+        ),
+        row(
+            "the first call of a key (verified against its SHA-512 hash, then cached)",
+            f"{open_us:.2f} µs (open)",
+            f"{first_us:.2f} µs",
+            first_us / open_us,
+            "– (once per key and table change)",
+            None,
+        ),
+        row(
+            "the key check alone (Keyring.check, cached key), per call",
+            f"{open_us:.2f} µs (open)",
+            f"{check_us:.2f} µs",
+            check_us / open_us,
+            f"≤ {KEY_CHECK_GOAL_US:g} µs added per call (added {check_us - open_us:.2f} µs)",
+            check_us - open_us <= KEY_CHECK_GOAL_US,
+        ),
+    ]
+
+
+def in_process_key_check(secret: str) -> tuple[float, float, float]:
+    """µs per Keyring.check: a protected fleet and a cached key; an open fleet (no check);
+    a key not yet cached (verified against its hash)."""
+    from multiplexer.keys import Keyring, load_key_table
+
+    keyed, open_ring = Keyring("auto"), Keyring("false")
+    keyed.update(load_key_table())
+    open_ring.update(load_key_table())
+    results = []
+    for ring, presented in ((keyed, secret), (open_ring, None)):
+        check = ring.check
+        check(presented)
+        rounds = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(KEY_CHECKS):
+                check(presented)
+            rounds.append((time.perf_counter() - started) / KEY_CHECKS * 1e6)
+        results.append(statistics.median(rounds))
+    cache = keyed._verified
+    started = time.perf_counter()
+    for _ in range(KEY_CHECKS // 10):
+        cache.clear()
+        keyed.check(secret)
+    first = (time.perf_counter() - started) / (KEY_CHECKS // 10) * 1e6
+    return results[0], results[1], first
+
+
 def timings(call: Callable[[], Any], count: int) -> list[float]:
     spent = []
     for _ in range(count):
@@ -280,7 +374,10 @@ def render(rows: list[tuple[str, str, str, str, str]]) -> str:
         "Direct = the instance's own port; routed = through `manage.py runmultiplexer` "
         "(its own process, plaintext, loopback, uvloop). Unary calls: one of each path per "
         f"round in shuffled order, {UNARY_ROUNDS} rounds. For Arrow, direct = the model called "
-        "in-process (`localtei.model.Model.embed`) in batches of the same size.",
+        "in-process (`localtei.model.Model.embed`) in batches of the same size. Keys: "
+        f"{KEY_ROUNDS} interleaved rounds of Info through two multiplexers of this run, one "
+        "open and one checking an inference key; the check alone is timed in-process over "
+        f"{KEY_CHECKS} calls (median of 5).",
         f"Load average when done: {', '.join(f'{x:.2f}' for x in os.getloadavg())}.",
         "",
         "| measure | direct | via multiplexer | ratio | goal |",
@@ -294,7 +391,7 @@ def render(rows: list[tuple[str, str, str, str, str]]) -> str:
 class Server:
     """A server subprocess of the benchmark: a free port, a log in the scratch directory."""
 
-    def __init__(self, name: str, command: Callable[[int, int], list[str]]) -> None:
+    def __init__(self, name: str, command: Callable[[int, int], list[str]], **env: str) -> None:
         self.port, self.metrics = free_port(), free_port()
         self.log = SCRATCH / f"{name}.log"
         with self.log.open("ab") as log:
@@ -304,7 +401,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'proto'}"},
+                env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'proto'}", **env},
             )
 
     def wait_until_serving(self, timeout: float = 180) -> Server:
@@ -342,7 +439,7 @@ def start_localtei() -> Server:
     return Server("localtei", command).wait_until_serving()
 
 
-def start_multiplexer() -> Server:
+def start_multiplexer(**env: str) -> Server:
     """`manage.py runmultiplexer`, as `make run` starts it, on the scratch database."""
 
     def command(port: int, metrics: int) -> list[str]:
@@ -351,7 +448,7 @@ def start_multiplexer() -> Server:
             "--metrics-port", str(metrics), "--http-port", "0",
         ]  # fmt: skip
 
-    return Server("multiplexer", command).wait_until_serving(60)
+    return Server("multiplexer", command, **env).wait_until_serving(60)
 
 
 def start_forwarder(upstream: str) -> Server:

@@ -22,6 +22,9 @@ from django.urls import URLPattern, get_script_prefix, path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from access import audit
+from access.audit import client_address
+from access.models import ActorKind
 from instances import errors, services
 from instances.forms import InstanceCreateForm
 from instances.models import Instance
@@ -35,6 +38,7 @@ from instances.templatetags.tei_admin import (
 )
 
 LOG_TAIL_LINES = 100
+EVENTS_SHOWN = 50
 
 admin.site.site_header = "TEI Manager"
 admin.site.site_title = "TEI Manager"
@@ -43,7 +47,7 @@ admin.site.index_title = "Operator console"
 admin.site.enable_nav_sidebar = False
 
 # verb -> (service, what the success message says, what a refusal says)
-OPERATIONS: dict[str, tuple[Callable[[str], Any], str, str]] = {
+OPERATIONS: dict[str, tuple[Callable[..., Any], str, str]] = {
     "start": (services.start_instance, "Starting", "start"),
     "stop": (services.stop_instance, "Stopping", "stop"),
     "restart": (services.restart_instance, "Restarting", "restart"),
@@ -196,7 +200,9 @@ class InstanceAdmin(admin.ModelAdmin):
         self, request: HttpRequest, obj: Instance | None = None, change: bool = False, **kwargs: Any
     ) -> Any:
         if obj is None:
-            kwargs["form"] = self.add_form
+            kwargs["form"] = type(
+                self.add_form.__name__, (self.add_form,), {"actor": _actor(request)}
+            )
         return super().get_form(request, obj, change, **kwargs)
 
     def add_view(
@@ -221,6 +227,7 @@ class InstanceAdmin(admin.ModelAdmin):
                 log=log,
                 log_text="\n".join(log["lines"]),
                 log_tail_lines=LOG_TAIL_LINES,
+                events=audit.events(services.SUBJECT, obj.name)[:EVENTS_SHOWN],
                 can_operate=self.has_operate_permission(request),
                 operations=[("start", "Start"), ("stop", "Stop"), ("restart", "Restart")],
                 live_api=f"{prefix}instances",
@@ -313,7 +320,7 @@ class InstanceAdmin(admin.ModelAdmin):
         done = []
         for instance in instances:
             try:
-                service(instance.name)
+                service(instance.name, _actor(request))
             except errors.TeiManagerError as exc:
                 self.message_user(request, f"Cannot {refused}: {exc}.", messages.ERROR)
             else:
@@ -327,7 +334,7 @@ class InstanceAdmin(admin.ModelAdmin):
     def _delete(self, request: HttpRequest, instances: Iterable[Instance]) -> None:
         for instance in instances:
             try:
-                services.delete_instance(instance.name)
+                services.delete_instance(instance.name, _actor(request))
             except errors.TeiManagerError as exc:
                 self.message_user(request, f"Cannot delete: {exc}.", messages.ERROR)
 
@@ -416,3 +423,7 @@ class InstanceAdmin(admin.ModelAdmin):
     @admin.display(description="created")
     def created(self, obj: Instance) -> str:
         return utc(obj.created_at)
+
+
+def _actor(request: HttpRequest) -> audit.Actor:
+    return audit.Actor(ActorKind.USER, request.user.get_username(), client_address(request.META))

@@ -101,6 +101,18 @@ class DisallowedHost(TeiManagerError):
     default_message = "this Host is not served here; add it to ALLOWED_HOSTS"
 
 
+class Unauthorized(TeiManagerError):
+    status_code = 401
+    code = "UNAUTHORIZED"
+    default_message = "an API key is required: send 'Authorization: Bearer <key>'"
+
+
+class Forbidden(TeiManagerError):
+    status_code = 403
+    code = "FORBIDDEN"
+    default_message = "this API key or user may not do that"
+
+
 class CrossOriginRequest(TeiManagerError):
     status_code = 403
     code = "CROSS_ORIGIN_REQUEST"

@@ -9,6 +9,7 @@ from django import forms
 from django.conf import settings
 from rest_framework.fields import empty
 
+from access.audit import SYSTEM, Actor
 from instances import errors, gpu, services
 from instances.api.serializers import InstanceCreateSerializer
 from instances.models import Instance, Pooling
@@ -45,6 +46,9 @@ class InstanceCreateForm(forms.ModelForm):
         label="Extra arguments", widget=forms.Textarea(attrs={"rows": 3, "cols": 60})
     )
 
+    # Who adds it, for the audit trail: the admin sets the signed-in user.
+    actor: Actor = SYSTEM
+
     class Meta:
         model = Instance
         fields: list[str] = []
@@ -79,7 +83,7 @@ class InstanceCreateForm(forms.ModelForm):
                     self.add_error(target, message)
             return cleaned
         try:
-            self.instance = services.create_instance(**serializer.validated_data)
+            self.instance = services.create_instance(self.actor, **serializer.validated_data)
         except errors.TeiManagerError as exc:
             self.add_error(ERROR_FIELDS.get(type(exc)), str(exc))
         return cleaned

@@ -8,7 +8,9 @@ database does not know, an `--auto-truncate` the row says is off).
 The environment is built, not inherited: text-embeddings-router reads every flag from an
 environment variable of the same name (`PORT`, `HOSTNAME`, `POOLING`, `API_KEY`, ...),
 so a stray one in the manager's environment would silently change an instance. Only what
-a server process needs passes (`PASSED_ENV`, `PASSED_ENV_PREFIXES`).
+a server process needs passes (`PASSED_ENV`, `PASSED_ENV_PREFIXES`), plus what the
+manager sets: the instance's own key as API_KEY (never `--api-key`: a command line is
+visible to every user of the host in `ps`, an environment only to the process's owner).
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ MANAGED_FLAGS: tuple[ManagedFlag, ...] = (
     ManagedFlag(
         "--auto-truncate", lambda i, b: True if i.auto_truncate else None, "the auto_truncate field"
     ),
-    # Reserved: each instance's internal key is the manager's to set.
-    ManagedFlag("--api-key", lambda i, b: None, "reserved for the instance's internal key"),
+    # Set through the environment (API_KEY), never on the command line.
+    ManagedFlag("--api-key", lambda i, b: None, "the instance's own key, passed as API_KEY"),
     # Reserved: a pinned GPU is the only device CUDA_VISIBLE_DEVICES shows, device 0.
     ManagedFlag("--device-id", lambda i, b: None, "the gpu_id field: a pinned GPU is device 0"),
 )
@@ -209,6 +211,9 @@ def build_env(instance: Instance) -> dict[str, str]:
         env["CUDA_VISIBLE_DEVICES"] = str(instance.gpu_id)
     if not instance.auto_truncate:
         env["AUTO_TRUNCATE"] = "false"
+    if instance.api_key:
+        # TEI and localtei read --api-key from API_KEY: calls without it are refused.
+        env["API_KEY"] = instance.api_key
     # localtei is a package of this checkout: make it importable from any working directory.
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(BASE_DIR), str(BASE_DIR / "proto"), os.environ.get("PYTHONPATH")) if p

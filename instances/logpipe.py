@@ -10,6 +10,10 @@ ignores SIGTERM, SIGINT and SIGHUP (a stop signals the instance's group, and the
 lines must still reach the file), and exits once the instance is gone and the pipe is
 drained. The instance outlives a dying worker, and so does this.
 
+The instance's own API key (API_KEY, in the environment both share) never reaches LOG:
+text-embeddings-router prints its arguments at start, the key among them, and the log is
+served by the API and the admin. Each occurrence is written as `[redacted]`.
+
 On FD it writes `pid<TAB><pid>` of the instance, and `error<TAB><errno><TAB><file><TAB>
 <message>` when COMMAND (or LOG) cannot be used; FD closes when COMMAND runs.
 Standard library only: it must start fast and never import Django.
@@ -32,12 +36,15 @@ READ_SIZE = 64 * 1024
 PARTIAL_LINE_SECS = 1.0
 MAX_PARTIAL_LINE = 64 * 1024
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+REDACTED = b"[redacted]"
 
 
 def main(argv: Sequence[str]) -> int:
     args = parse(argv)
     try:
-        log = RotatingLog(args.log, args.max_bytes, args.backups)
+        # The instance's environment, set by instances/launch.py: its key, to keep it out.
+        secret = os.environ.get("API_KEY", "").encode()
+        log = RotatingLog(args.log, args.max_bytes, args.backups, secret)
     except OSError as exc:
         _report(args.status_fd, f"error\t{exc.errno or 0}\t{args.log}\t{exc.strerror or exc}")
         return 1
@@ -90,8 +97,9 @@ class RotatingLog:
     """Appends whole lines to `path`; past `max_bytes`, shifts path -> path.1 -> ... ->
     path.`backups` (the oldest is dropped) and starts a new file."""
 
-    def __init__(self, path: str, max_bytes: int, backups: int) -> None:
+    def __init__(self, path: str, max_bytes: int, backups: int, secret: bytes = b"") -> None:
         self.path = path
+        self.secret = secret
         self.max_bytes = max_bytes if backups > 0 else 0
         self.backups = backups
         self._open()
@@ -99,6 +107,8 @@ class RotatingLog:
     def write(self, data: bytes) -> None:
         """Write `data` (whole lines, except perhaps at the very end), rotating before a
         line that would take the file past max_bytes. A line is never split across files."""
+        if self.secret and self.secret in data:
+            data = data.replace(self.secret, REDACTED)
         while data:
             room = self.max_bytes - self.size
             if not self.max_bytes or len(data) <= room:

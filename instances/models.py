@@ -55,6 +55,10 @@ class Instance(models.Model):
     extra_args = models.JSONField(default=list, blank=True)
     node = models.CharField(max_length=255, default="")
     host = models.CharField(max_length=255, default="127.0.0.1")
+    # The instance's own API key, generated at create and passed to it as API_KEY: the
+    # multiplexer and the health check send it, so the instance's port refuses everyone
+    # else. Never shown (API, admin, logs); `repr` of a row does not print fields.
+    api_key = models.CharField(max_length=64, blank=True, default="", editable=False)
 
     # Desired and observed state.
     desired_state = models.CharField(

@@ -225,12 +225,14 @@ def start_reaper(interval: float = 0.5) -> None:
     threading.Thread(target=loop, name="instance-reaper", daemon=True).start()
 
 
-def health_check(address: str, timeout: float) -> bool:
-    """grpc.health.v1 Check answers SERVING, or (without a health service) tei.v1 Info answers."""
+def health_check(address: str, timeout: float, api_key: str = "") -> bool:
+    """grpc.health.v1 Check answers SERVING, or (without a health service) tei.v1 Info
+    answers; both carry the instance's own key (TEI checks it on Info)."""
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
     with grpc.insecure_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout, metadata=metadata
             )
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
         except grpc.RpcError as exc:
@@ -239,7 +241,9 @@ def health_check(address: str, timeout: float) -> bool:
         from tei.v1 import tei_pb2, tei_pb2_grpc
 
         try:
-            tei_pb2_grpc.InfoStub(channel).Info(tei_pb2.InfoRequest(), timeout=timeout)
+            tei_pb2_grpc.InfoStub(channel).Info(
+                tei_pb2.InfoRequest(), timeout=timeout, metadata=metadata
+            )
             return True
         except grpc.RpcError:
             return False

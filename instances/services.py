@@ -1,17 +1,22 @@
 """The lifecycle service: the one place the API, the admin and the Celery tasks change
 instances. Requests only change the desired state and enqueue work; they never wait for a
-process. Every status change is a compare-and-set (`Instance.transition`).
+process. Every status change is a compare-and-set (`Instance.transition`). Every change
+asked for (create, start, stop, restart, delete) is recorded in the audit trail with its
+actor and result.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Case, F, Q, When
 
+from access import audit
+from access.audit import SYSTEM, Actor
 from instances import logs, process, tasks
 from instances.errors import (
     AlreadyRunning,
@@ -38,20 +43,48 @@ _FRESH: dict[str, Any] = {
 }
 
 
-def create_instance(**fields: Any) -> Instance:
+SUBJECT = "instance"
+# A change asked of an instance that does not exist changes nothing: not in the trail.
+_UNRECORDED = (InstanceNotFound,)
+
+
+def create_instance(actor: Actor = SYSTEM, **fields: Any) -> Instance:
     """Save a new instance (ports allocated when not given) and enqueue its start."""
-    try:
-        with transaction.atomic():
-            instance = _insert(fields)
-    except IntegrityError:
-        # Only reachable on PostgreSQL (SQLite's IMMEDIATE transactions serialise creates).
-        if Instance.objects.filter(name=fields.get("name")).exists():
-            raise InstanceExists(f"instance '{fields.get('name')}' already exists") from None
-        raise PortConflict("port was taken by a concurrent create; try again") from None
+    with audit.recording(actor, "create", SUBJECT, str(fields.get("name", ""))):
+        try:
+            with transaction.atomic():
+                instance = _insert(fields)
+        except IntegrityError:
+            # Only reachable on PostgreSQL (SQLite's IMMEDIATE transactions serialise creates).
+            if Instance.objects.filter(name=fields.get("name")).exists():
+                raise InstanceExists(f"instance '{fields.get('name')}' already exists") from None
+            raise PortConflict("port was taken by a concurrent create; try again") from None
     return instance
 
 
-def start_instance(name: str) -> Instance:
+def start_instance(name: str, actor: Actor = SYSTEM) -> Instance:
+    with audit.recording(actor, "start", SUBJECT, name, _UNRECORDED):
+        return _start(name)
+
+
+def stop_instance(name: str, actor: Actor = SYSTEM) -> Instance:
+    with audit.recording(actor, "stop", SUBJECT, name, _UNRECORDED):
+        return _stop(name)
+
+
+def restart_instance(name: str, actor: Actor = SYSTEM) -> Instance:
+    """Stop the process (if any) and start a new one; counts as a restart when one ran."""
+    with audit.recording(actor, "restart", SUBJECT, name, _UNRECORDED):
+        return _restart(name)
+
+
+def delete_instance(name: str, actor: Actor = SYSTEM) -> None:
+    """Remove the row now; the instance's worker stops the process left behind."""
+    with audit.recording(actor, "delete", SUBJECT, name, _UNRECORDED):
+        _delete(name)
+
+
+def _start(name: str) -> Instance:
     instance = get_instance(name)
     with transaction.atomic():
         if instance.transition(Status.terminal(), Status.PENDING, **_FRESH):
@@ -63,7 +96,7 @@ def start_instance(name: str) -> Instance:
     raise AlreadyRunning(f"instance '{name}' is already {get_instance(name).status}")
 
 
-def stop_instance(name: str) -> Instance:
+def _stop(name: str) -> Instance:
     instance = get_instance(name)
     with transaction.atomic():
         stopped = DesiredState.STOPPED
@@ -75,8 +108,7 @@ def stop_instance(name: str) -> Instance:
     raise NotRunning(f"instance '{name}' is {get_instance(name).status}, not running")
 
 
-def restart_instance(name: str) -> Instance:
-    """Stop the process (if any) and start a new one; counts as a restart when one ran."""
+def _restart(name: str) -> Instance:
     instance = get_instance(name)
     with transaction.atomic():
         # Decided by the row as the update finds it: a pending row, or a launch that has no
@@ -94,8 +126,7 @@ def restart_instance(name: str) -> Instance:
     return get_instance(name)
 
 
-def delete_instance(name: str) -> None:
-    """Remove the row now; the instance's worker stops the process left behind."""
+def _delete(name: str) -> None:
     with transaction.atomic():
         # The pid is read in the transaction that deletes the row (locked on PostgreSQL;
         # SQLite's IMMEDIATE transaction locks the database): a launch saves its pid before,
@@ -123,6 +154,10 @@ def read_logs(name: str, start: int | None = None, end: int | None = None) -> di
     with Python slice semantics; at most logs.MAX_LINES lines a call (see logs.py)."""
     instance = get_instance(name)
     return logs.read(settings.LOG_DIR, instance.name, start, end)
+
+
+def instance_exists(name: str) -> bool:
+    return Instance.objects.filter(name=name).exists()
 
 
 def get_instance(name: str) -> Instance:
@@ -155,6 +190,8 @@ def _insert(fields: dict[str, Any]) -> Instance:
     values.update(
         port=port,
         prometheus_port=prometheus_port,
+        # The instance's own key (API_KEY in its environment): only the manager knows it.
+        api_key=secrets.token_urlsafe(32),
         node=node,
         host=settings.INSTANCE_HOST,
         status=Status.PENDING,

@@ -114,7 +114,9 @@ def watch_start(pk: int) -> list[Work]:
     if instance is None:
         return []
     alive = process.is_alive(instance.pid, instance.process_started_at)
-    healthy = alive and process.health_check(instance.address, HEALTH_TIMEOUT_SECS)
+    healthy = alive and process.health_check(
+        instance.address, HEALTH_TIMEOUT_SECS, instance.api_key
+    )
     work = _converge_starting(instance, alive, healthy)
     return work + [Work(WATCH, pk)] if instance.status == Status.STARTING else work
 
@@ -423,7 +425,7 @@ def _check_health(instances: list[Instance]) -> dict[int, bool]:
         return {}
     timeout = min(HEALTH_TIMEOUT_SECS, float(_interval()))
     with ThreadPoolExecutor(max_workers=min(16, len(instances))) as pool:
-        results = pool.map(lambda i: process.health_check(i.address, timeout), instances)
+        results = pool.map(lambda i: process.health_check(i.address, timeout, i.api_key), instances)
         return {i.pk: ok for i, ok in zip(instances, results, strict=True)}
 
 

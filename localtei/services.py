@@ -7,6 +7,7 @@ batcher's thread), and its results come back through `deliver()`.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import time
@@ -282,8 +283,8 @@ class TeiService(
 
     def _admit(self, context: Any) -> None:
         if self._bearer is not None:
-            sent = dict(context.invocation_metadata()).get("authorization")
-            if sent != self._bearer:
+            sent = dict(context.invocation_metadata()).get("authorization") or ""
+            if not hmac.compare_digest(str(sent).encode(), self._bearer.encode()):
                 raise UnauthenticatedError("missing or wrong API key")
         self._ready_model()
 

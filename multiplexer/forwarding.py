@@ -14,6 +14,11 @@ choose, so a stream gets the client's deadline, and `grpc_request_timeout_secs` 
 long the instance may stay silent while it owes an answer (a request of a bidirectional
 stream not yet answered, or the single answer of a client stream the client has closed):
 an instance that makes progress, or a client that pauses, never trips it.
+
+Keys: each call's `authorization: Bearer <key>` (or `x-api-key`) passes the Keyring
+(multiplexer/keys.py) before anything else, and routes only to what the key may use. The
+client's credentials never reach the instance: it gets its own key, which only the
+manager knows; the rest of the client's metadata passes as it came.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from multiplexer import arrow
 from multiplexer.admission import AdmissionError
 from multiplexer.calls import InstanceCalls, StreamSlots
 from multiplexer.channels import ChannelPool
+from multiplexer.keys import Keyring, bearer
 from multiplexer.metrics import UNROUTED, CallMetrics
-from multiplexer.routing import Router, RoutingError
+from multiplexer.routing import Route, Router, RoutingError
 from multiplexer.wire import Target, WireError, split_wrapper
 
 SERVICE_NAME = "tei_multiplexer.v1.TeiMultiplexer"
@@ -45,6 +51,8 @@ SERVICE_NAME = "tei_multiplexer.v1.TeiMultiplexer"
 INSTANCE_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 ARROW_METHODS = ("EmbedArrow", "EmbedSparseArrow")
 _HOP_BY_HOP = frozenset({"user-agent", "content-type", "te", "host", "authority"})
+_CREDENTIALS = frozenset({"authorization", "x-api-key"})
+Metadata = tuple[tuple[str, str | bytes], ...]
 
 Handler = Callable[..., Any]
 
@@ -80,8 +88,10 @@ class Forwarder:
         metrics: CallMetrics,
         request_timeout: float = 30.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        keyring: Keyring | None = None,
     ) -> None:
         self.router = router
+        self.keyring = keyring or Keyring()
         self.pool = pool
         self.metrics = metrics
         self.request_timeout = request_timeout
@@ -118,21 +128,23 @@ class Forwarder:
             started = time.perf_counter()
             instance, failure, response = UNROUTED, None, b""
             try:
+                presented, metadata = _client_metadata(context)
+                grant = self.keyring.check(presented)
                 target, inner = split_wrapper(request)
                 check_size(inner)
                 timeout = self._deadline(context)
-                route = await self.router.acquire(target, timeout)  # may queue
+                route = await self.router.acquire(target, timeout, grant)  # may queue
                 instance = route.name
                 try:
                     response = await self.pool.unary_unary(route.address, path)(
                         inner,
                         timeout=timeout - (time.perf_counter() - started),
-                        metadata=_metadata(context),
+                        metadata=_upstream(metadata, route),
                     )
                 finally:
                     self.router.release(route)
             except Exception as exc:
-                failure = _status(exc)
+                failure = _failure(context, exc)
             return await self._finish(context, instance, name, started, failure, response)
 
         return forward
@@ -146,6 +158,8 @@ class Forwarder:
             started = time.perf_counter()
             instance, failure, response = UNROUTED, None, b""
             try:
+                presented, metadata = _client_metadata(context)
+                grant = self.keyring.check(presented)
                 incoming = aiter(requests)
                 first = await anext(incoming, None)
                 if first is None:
@@ -155,12 +169,14 @@ class Forwarder:
                 target, inner = split_wrapper(first)
                 check_size(inner)
                 # One slot for the whole call: the instance answers once, at the end.
-                route = await self.router.acquire(target, self._deadline(context))
+                route = await self.router.acquire(target, self._deadline(context), grant)
                 instance = route.name
                 stream = InnerStream(inner, incoming, answer_per_request=False)
                 try:
                     call = self.pool.stream_unary(route.address, path)(
-                        stream, timeout=context.time_remaining(), metadata=_metadata(context)
+                        stream,
+                        timeout=context.time_remaining(),
+                        metadata=_upstream(metadata, route),
                     )
                     response = await self._owed_answer(call, stream, route.name)
                 finally:
@@ -168,7 +184,7 @@ class Forwarder:
                 if stream.bad is not None:
                     raise stream.bad
             except Exception as exc:
-                failure = _status(exc)
+                failure = _failure(context, exc)
             return await self._finish(context, instance, name, started, failure, response)
 
         return forward
@@ -184,18 +200,22 @@ class Forwarder:
             stream: InnerStream | None = None
             call: grpc.aio.StreamStreamCall | None = None
             try:
+                presented, metadata = _client_metadata(context)
+                grant = self.keyring.check(presented)
                 incoming = aiter(requests)
                 first = await anext(incoming, None)
                 if first is not None:
                     target, inner = split_wrapper(first)
                     check_size(inner)
-                    route = self.router.choose(target)
+                    route = self.router.choose(target, grant)
                     instance = route.name
                     # A slot per message in flight, taken before each goes out.
                     slots = StreamSlots(self.router, route, lambda: self._deadline(context))
                     stream = InnerStream(inner, incoming, answer_per_request=True, slots=slots)
                     call = self.pool.stream_stream(route.address, path)(
-                        stream, timeout=context.time_remaining(), metadata=_metadata(context)
+                        stream,
+                        timeout=context.time_remaining(),
+                        metadata=_upstream(metadata, route),
                     )
                     while (
                         response := await self._owed_answer(call.read(), stream, instance)
@@ -205,7 +225,7 @@ class Forwarder:
                     if stream.bad is not None:
                         raise stream.bad
             except Exception as exc:
-                failure = _status(exc)
+                failure = _failure(context, exc)
             finally:
                 if stream is not None and stream.slots is not None:
                     stream.slots.give_all()
@@ -229,9 +249,11 @@ class Forwarder:
         started = time.perf_counter()
         instance, failure, response = UNROUTED, None, b""
         try:
+            presented, metadata = _client_metadata(context)
+            grant = self.keyring.check(presented)
             message = kind.request_type.FromString(request)
             texts = arrow.read_texts(message.arrow_ipc)
-            route = self.router.choose(_target(message.target))
+            route = self.router.choose(_target(message.target), grant)
             instance = route.name
             if message.noop:  # the instance is not called: nothing to admit
                 payload = kind.noop(len(texts))
@@ -240,12 +262,16 @@ class Forwarder:
                 # them as its queue allows; each row in flight holds an admission slot.
                 rows = [check_size(kind.row(text, message)) for text in texts]
                 replies = await self.calls.stream(
-                    route, kind.upstream_path, rows, self._deadline(context), _metadata(context)
+                    route,
+                    kind.upstream_path,
+                    rows,
+                    self._deadline(context),
+                    _upstream(metadata, route),
                 )
                 payload = kind.payload(replies)
             response = self._arrow_reply(payload, kind.response_type)
         except Exception as exc:
-            failure = _status(exc)
+            failure = _failure(context, exc)
         return await self._finish(context, instance, kind.method, started, failure, response)
 
     def _arrow_reply(self, payload: bytes, kind: Any) -> bytes:
@@ -436,6 +462,15 @@ def _target(message: multiplexer_pb2.Target) -> Target:
     return Target()
 
 
+def _failure(context: grpc.aio.ServicerContext, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a failed call ends with; a refusal that says when to come back (a key
+    over its rate limit, a full queue) also says it in `retry-after` trailing metadata."""
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after:
+        context.set_trailing_metadata((("retry-after", str(retry_after)),))
+    return _status(exc)
+
+
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code(), exc.details() or ""
@@ -452,11 +487,22 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"multiplexer error: {type(exc).__name__}: {exc}"
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...] | None:
-    """The client's own metadata (an API key, a request id), without transport headers."""
-    forwarded = tuple(
-        (key, value)
-        for key, value in context.invocation_metadata() or ()
-        if key not in _HOP_BY_HOP and not key.startswith((":", "grpc-"))
-    )
-    return forwarded or None
+def _client_metadata(context: grpc.aio.ServicerContext) -> tuple[str | None, Metadata]:
+    """The key the client presented (`authorization: Bearer`, else `x-api-key`), and the
+    rest of its own metadata (a request id, say), without transport headers."""
+    presented: str | None = None
+    kept: list[tuple[str, str | bytes]] = []
+    for key, value in context.invocation_metadata() or ():
+        if key in _CREDENTIALS:
+            if key == "authorization":
+                presented = bearer(value) or presented
+            elif presented is None:
+                presented = value.decode("latin-1") if isinstance(value, bytes) else value
+        elif key not in _HOP_BY_HOP and not key.startswith((":", "grpc-")):
+            kept.append((key, value))
+    return presented, tuple(kept)
+
+
+def _upstream(metadata: Metadata, route: Route) -> Metadata | None:
+    """What goes to the instance: the client's metadata and the instance's own key."""
+    return (metadata + route.credentials) if metadata else (route.credentials or None)

@@ -1,8 +1,10 @@
-"""Keeps the Router's table in step with the Instance rows, and says the multiplexer is alive.
+"""Keeps the Router's table in step with the Instance rows (and the Keyring's with the API
+key rows), and says the multiplexer is alive.
 
 A background thread reads the database every `interval` seconds (0.5 s by default, so a
-created, stopped or deleted instance is routable or refused within a second) and swaps a
-new immutable table in when anything changed. A failed read keeps the last good table.
+created, stopped or deleted instance is routable or refused within a second, and a revoked
+key refused) and swaps a new immutable table in when anything changed. A failed read
+keeps the last good tables. Every heartbeat it also writes the keys' last-use times.
 The thread keeps its database connection between reads (reopening SQLite each tick costs
 more than the read) and drops it only when a read fails.
 """
@@ -13,11 +15,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from django.apps import apps
 from django.db import connection
 from django.utils import timezone
 
+from multiplexer.keys import Keyring, load_key_table
 from multiplexer.routing import Route, Router, RoutingTable
 
 log = logging.getLogger(__name__)
@@ -31,7 +35,7 @@ def load_routing_table() -> RoutingTable:
 
     rows = Instance.objects.values_list(
         "name", "model_id", "host", "port", "status", "max_concurrent_requests", "pooling",
-        "auto_truncate",
+        "auto_truncate", "api_key",
     )  # fmt: skip
     return RoutingTable.build(
         Route(
@@ -42,8 +46,9 @@ def load_routing_table() -> RoutingTable:
             max_concurrent_requests=limit,
             pooling=pooling,
             auto_truncate=auto_truncate,
+            credentials=(("authorization", f"Bearer {key}"),) if key else (),
         )
-        for name, model_id, host, port, status, limit, pooling, auto_truncate in rows
+        for name, model_id, host, port, status, limit, pooling, auto_truncate, key in rows
     )
 
 
@@ -73,8 +78,11 @@ class RoutingRefresher:
         interval: float = 0.5,
         heartbeat_interval: float = 5.0,
         on_change: Callable[[RoutingTable], None] | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self.router = router
+        self.keyring = keyring
+        self._written: dict[str, float] = {}  # pk -> the last-use time written
         self.interval = interval
         self.heartbeat_interval = heartbeat_interval
         self.on_change = on_change
@@ -99,8 +107,13 @@ class RoutingRefresher:
         """Reload the table; True when it changed."""
         try:
             table = load_routing_table()
+            if self.keyring is not None:
+                keys = load_key_table()
+                if keys.rows != self.keyring.table.rows:
+                    self.keyring.update(keys)
             if time.monotonic() >= self._next_heartbeat:
                 record_heartbeat()
+                self.write_last_used()
                 self._next_heartbeat = time.monotonic() + self.heartbeat_interval
         except Exception as exc:
             connection.close()  # the next read opens a fresh one
@@ -117,6 +130,19 @@ class RoutingRefresher:
         if self.on_change is not None:
             self.on_change(table)
         return True
+
+    def write_last_used(self) -> None:
+        """One UPDATE per key used since the last write (the data plane never writes per
+        call)."""
+        if self.keyring is None:
+            return
+        from access.models import ApiKey
+
+        for pk, stamp in self.keyring.used().items():
+            if self._written.get(pk) != stamp:
+                moment = datetime.fromtimestamp(stamp, tz=UTC)
+                ApiKey.objects.filter(pk=pk).update(last_used_at=moment)
+                self._written[pk] = stamp
 
     def _run(self) -> None:
         # Every read happens on this thread, over its one connection, closed on the way out.

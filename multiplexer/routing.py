@@ -12,11 +12,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import grpc
 
 from multiplexer.admission import AdmissionError, Gate
 from multiplexer.wire import Target
+
+if TYPE_CHECKING:
+    from multiplexer.keys import KeyEntry
 
 RUNNING = "running"
 
@@ -38,6 +42,8 @@ class Route:
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     pooling: str = ""
     auto_truncate: bool = True
+    # The metadata that carries the instance's own key (`authorization: Bearer ...`).
+    credentials: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def running(self) -> bool:
@@ -134,15 +140,19 @@ class Router:
     def update(self, table: RoutingTable) -> None:
         self.table = table
 
-    async def acquire(self, target: Target, timeout: float | None) -> Route:
+    async def acquire(
+        self, target: Target, timeout: float | None, grant: KeyEntry | None = None
+    ) -> Route:
         """Route `target` and take a slot on the chosen instance (queueing if need be)."""
-        route = self.choose(target)
+        route = self.choose(target, grant)
         await self.enter(route, timeout)
         return route
 
-    def choose(self, target: Target) -> Route:
-        """The instance that serves `target` now, without taking a slot (a stream's)."""
-        candidates = self.table.candidates(target)
+    def choose(self, target: Target, grant: KeyEntry | None = None) -> Route:
+        """The instance that serves `target` now, without taking a slot (a stream's);
+        among those the call's key (`grant`, None: any) may use."""
+        table = self.table
+        candidates = table.candidates(target) if grant is None else grant.candidates(table, target)
         return candidates[0] if len(candidates) == 1 else self._least_loaded(candidates)
 
     async def enter(self, route: Route, timeout: float | None) -> None:

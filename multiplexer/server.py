@@ -23,11 +23,12 @@ from localtei.handlers import add_health_and_reflection
 from multiplexer.channels import ChannelPool
 from multiplexer.forwarding import SERVICE_NAME, Forwarder
 from multiplexer.http.server import HttpServer
+from multiplexer.keys import Keyring
 from multiplexer.metrics import CallMetrics
 from multiplexer.refresher import RoutingRefresher
 from multiplexer.routing import Router, RoutingTable
 from multiplexer.tls import SubjectCheck, server_credentials
-from teimanager.config import Config, MtlsConfig
+from teimanager.config import Config, MtlsConfig, is_loopback
 
 LOOP_KINDS = ("auto", "uvloop", "asyncio")
 
@@ -64,6 +65,10 @@ class ServerOptions:
     http_port: int | None = None  # None: no HTTP server; 0: any free port
     http_payload_limit_bytes: int = 2_000_000
     max_client_batch_size: int = 2048
+    # Protected mode (access/protection.py): "auto" asks for keys once a key exists or a
+    # listener binds beyond loopback, this one or another of the fleet's (`listeners`).
+    auth_required: str = "auto"
+    listeners: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> ServerOptions:
@@ -77,9 +82,15 @@ class ServerOptions:
             "http_port": config.http_port if config.http_enabled else None,
             "http_payload_limit_bytes": config.http_payload_limit_bytes,
             "max_client_batch_size": config.max_client_batch_size,
+            "auth_required": config.auth_required,
+            "listeners": (config.bind,),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def open_listener(self) -> bool:
+        return any(not is_loopback(host) for host in (self.host, *self.listeners))
 
     @property
     def max_message_bytes(self) -> int:
@@ -99,8 +110,12 @@ class MultiplexerServer:
         self.options = options
         self.router = router or Router(queue_size=options.queue_size)
         self.pool = ChannelPool(options.message_size_options())
+        self.keyring = Keyring(options.auth_required, options.open_listener)
         self.refresher = RoutingRefresher(
-            self.router, options.refresh_interval_secs, on_change=self._table_changed
+            self.router,
+            options.refresh_interval_secs,
+            on_change=self._table_changed,
+            keyring=self.keyring,
         )
         self.health = HealthServicer()
         self.port = 0
@@ -131,6 +146,7 @@ class MultiplexerServer:
             CallMetrics(),
             request_timeout=options.request_timeout_secs,
             max_message_bytes=options.max_message_bytes,
+            keyring=self.keyring,
         )
         server.add_generic_rpc_handlers((forwarder.generic_handler(),))
         # Health and reflection answer a request that does not parse with INVALID_ARGUMENT.
@@ -152,6 +168,7 @@ class MultiplexerServer:
                 request_timeout=options.request_timeout_secs,
                 max_client_batch_size=options.max_client_batch_size,
                 payload_limit_bytes=options.http_payload_limit_bytes,
+                keyring=self.keyring,
             )
             try:
                 self.http_port = await self.http.start(options.host, options.http_port)

@@ -27,6 +27,10 @@ class ConfigError(Exception):
     """A configuration value is missing or malformed; the message names the key."""
 
 
+# A setting that is decided from the deployment unless forced either way.
+MODES = ("auto", "true", "false")
+
+
 def _port(label: str, value: Any) -> None:
     if not 1 <= value <= 65535:
         raise ConfigError(f"{label} must be a port (1-65535), got {value!r}")
@@ -53,6 +57,11 @@ def _ip_address(label: str, value: Any) -> None:
     except ValueError:
         # TEI binds every interface when --hostname is not an IP address.
         raise ConfigError(f"{label} must be an IP address, got {value!r}") from None
+
+
+def _mode(label: str, value: Any) -> None:
+    if value not in MODES:
+        raise ConfigError(f"{label} must be one of {', '.join(MODES)}, got {value!r}")
 
 
 def _log_level(label: str, value: Any) -> None:
@@ -127,6 +136,11 @@ class Config:
         2048, "TEI_MANAGER_MAX_CLIENT_BATCH_SIZE", check=_at_least_one
     )
     queue_size: int = setting(1024, "TEI_MANAGER_QUEUE_SIZE")  # 0: refuse when all are busy
+    # Protected mode: "auto" asks for an API key once a listener binds beyond loopback or
+    # any key exists; "true" and "false" force it either way (access/protection.py).
+    auth_required: str = setting("auto", "TEI_MANAGER_AUTH_REQUIRED", check=_mode)
+    # /metrics on the API port answers any peer without a key (else loopback peers only).
+    metrics_public: bool = setting(False, "TEI_MANAGER_METRICS_PUBLIC")
     # -- in the TOML file only ---------------------------------------------------------
     startup_timeout_secs: int = setting(300)
     max_failures_before_restart: int = setting(3)
@@ -164,6 +178,8 @@ class Config:
     debug: bool = setting(False, "DEBUG", file=False)
     log_level: str = setting("INFO", "LOG_LEVEL", file=False, check=_log_level)
     secret_key: str = setting("", "SECRET_KEY", file=False, secret=True)  # "": generated
+    # Session and CSRF cookies marked Secure: "auto" does so when web is not on loopback.
+    secure_cookies: str = setting("auto", "TEI_MANAGER_SECURE_COOKIES", file=False, check=_mode)
     allowed_hosts: tuple[str, ...] = setting((), "ALLOWED_HOSTS", file=False)  # (): local names
     csrf_trusted_origins: tuple[str, ...] = setting((), "CSRF_TRUSTED_ORIGINS", file=False)
     superuser_username: str = setting("admin", "DJANGO_SUPERUSER_USERNAME", file=False)
@@ -189,6 +205,18 @@ class Key:
     kind: Any
     default: Any
     check: Callable[[str, Any], None] | None
+
+
+def is_loopback(host: str) -> bool:
+    """True when a server bound to `host` (an address or a name) is reachable from this
+    machine only: `localhost`, 127.0.0.0/8, ::1. The wildcard and every other name is not."""
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def keys() -> list[Key]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import dj_database_url
 
 from teimanager import secret_key
-from teimanager.config import load_config_or_exit
+from teimanager.config import is_loopback, load_config_or_exit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -45,6 +45,16 @@ ALLOWED_HOSTS = list(TEI.allowed_hosts) or default_allowed_hosts(TEI.bind)
 # Origins (scheme://host[:port]) besides the server's own that may POST to the admin and
 # the API: the public URL when a proxy terminates TLS in front of gunicorn.
 CSRF_TRUSTED_ORIGINS = list(TEI.csrf_trusted_origins)
+# Session and CSRF cookies go over HTTPS only once the site is served beyond loopback (or
+# behind a proxy that ends TLS for an https:// origin); browsers accept them on
+# http://localhost too. TEI_MANAGER_SECURE_COOKIES=true/false forces it.
+if TEI.secure_cookies == "auto":
+    SECURE_COOKIES = not is_loopback(TEI.bind) or any(
+        origin.startswith("https://") for origin in CSRF_TRUSTED_ORIGINS
+    )
+else:
+    SECURE_COOKIES = TEI.secure_cookies == "true"
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = SECURE_COOKIES
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -57,6 +67,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "rest_framework_api_key",
+    "access",
     "instances",
     "multiplexer",
 ]
@@ -133,8 +145,15 @@ NODE_NAME = TEI.node or socket.gethostname()
 INSTANCE_HOST = TEI.instance_host
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": [],
-    "DEFAULT_PERMISSION_CLASSES": ["instances.api.origin.SameOriginWrites"],
+    # An API key, or a staff user's admin session; who may do what: FleetAccess.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "access.rest.ApiKeyAuthentication",
+        "access.rest.StaffSessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": [
+        "instances.api.origin.SameOriginWrites",
+        "instances.api.permissions.FleetAccess",
+    ],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "instances.api.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -146,6 +165,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Create, start, stop and watch text-embeddings-inference instances.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The schema and its docs describe the API, they hold no data: open, like /health.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "instances.api.schema.forbid_unknown_fields",

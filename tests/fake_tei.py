@@ -6,11 +6,15 @@ script that runs this). What it does depends on the model id:
 - `chatty/<n>`: writes n numbered lines (`line 000001 ...`) at once, then serves as below,
   and writes a last line, `stopped after <n> lines`, on SIGTERM;
 - anything else: serves grpc.health.v1 (SERVING) on --port until SIGTERM.
+
+Like text-embeddings-router, it first prints its arguments, its API key (API_KEY) among
+them: the manager must keep that out of the log.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -23,6 +27,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--port", type=int, required=True)
     args, _ = parser.parse_known_args(argv)
     print(f"fake-tei {' '.join(argv)}", flush=True)
+    api_key = os.environ.get("API_KEY")
+    print(f"Args {{ model_id: {args.model_id!r}, api_key: {api_key!r} }}", flush=True)
     if args.model_id.startswith("crash/"):
         print(f"Error: could not load model {args.model_id}: weights are corrupt", flush=True)
         sys.exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -450,3 +451,22 @@ def test_it_wires_the_live_refresh_to_the_rest_api(admin_client: Client, api: An
     assert api.get("/instances").json()[0]["status"] == "running"
     assert api.get("/instances/a/logs?start=-100").json()["lines"] == []
     assert finders.find("instances/live.js") and finders.find("instances/admin.css")
+
+
+def test_the_instance_page_shows_who_changed_it_and_never_its_key(admin_client: Client) -> None:
+    port = 8100
+    response = admin_client.post(ADD, {"name": "watched", "model_id": "org/model", "port": port})
+    assert response.status_code == 302
+    instance = Instance.objects.get(name="watched")
+    admin_client.post(page_of(instance, "start/"), follow=True)  # refused: it is pending
+    admin_client.post(page_of(instance, "stop/"), follow=True)
+    page = admin_client.get(page_of(instance)).content.decode()
+    rows = re.findall(r'<tr class="tei-event-(\w+)">(.*?)</tr>', page, re.S)
+    cells = [re.findall(r"<td>(.*?)</td>", row, re.S) for _, row in rows]
+    assert [(c[1], c[2], c[3], c[4].split(":")[0]) for c in cells] == [
+        ("user admin", "127.0.0.1", "stop", "ok"),
+        ("user admin", "127.0.0.1", "start", "ALREADY_RUNNING"),
+        ("user admin", "127.0.0.1", "create", "ok"),
+    ]
+    assert [kind for kind, _ in rows] == ["ok", "refused", "ok"]
+    assert len(instance.api_key) >= 32 and instance.api_key not in page

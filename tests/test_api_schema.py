@@ -28,10 +28,12 @@ def test_every_operation_documents_its_errors_as_the_envelope(schema: dict[str, 
         for path, item in schema["paths"].items()
         for method, operation in item.items()
     ]
-    assert len(operations) == 9
+    assert len(operations) == 10
     for method, path, operation in operations:
         responses = operation["responses"]
         expected = {"400", "405", "500"} | ({"403"} if method in UNSAFE else set())
+        # Behind a key (protected mode), every operation but /health.
+        expected |= {"401", "403"} if path != "/health" else set()
         expected |= {"404"} if "{name}" in path else set()
         assert expected <= set(responses), (method, path, sorted(responses))
         for status, response in responses.items():
@@ -47,6 +49,11 @@ def test_every_operation_documents_its_errors_as_the_envelope(schema: dict[str, 
     assert {"409", "413", "415", "422"} <= set(create)
     assert "CROSS_ORIGIN_REQUEST" in create["403"]["description"]
     assert "PORT_CONFLICT" in create["422"]["description"]
+    assert "FORBIDDEN" in create["403"]["description"]
+    assert "UNAUTHORIZED" in create["401"]["description"]
+    assert {"401", "403"}.isdisjoint(health)
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["apiKey"] == {**schemes["apiKey"], "type": "http", "scheme": "bearer"}
 
 
 def test_create_fields_carry_their_constraints(schema: dict[str, Any]) -> None:

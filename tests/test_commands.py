@@ -109,9 +109,11 @@ def test_it_generates_and_prints_a_password_once(settings: Any) -> None:
 
 def test_it_has_a_test_for_every_management_command() -> None:
     ours = sorted(
-        name for name, app in get_commands().items() if app in ("instances", "multiplexer")
+        name
+        for name, app in get_commands().items()
+        if app in ("instances", "multiplexer", "access")
     )
-    assert {"seed_instances", "ensure_superuser"} <= set(ours)
+    assert {"seed_instances", "ensure_superuser", "apikey"} <= set(ours)
     tests = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
     untested = [
         name

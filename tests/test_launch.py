@@ -176,6 +176,10 @@ def test_the_environment_names_no_tei_flag_and_keeps_what_a_server_needs(
     assert leaked == {"HF_TOKEN", "HF_API_TOKEN", "HUGGINGFACE_HUB_CACHE"}, leaked
     # What the manager sets on purpose: auto_truncate off says so in every router version.
     assert launch.build_env(make_instance(auto_truncate=False))["AUTO_TRUNCATE"] == "false"
+    # The instance's own key, never the manager's API_KEY (nor one on the command line).
+    keyed = make_instance(api_key="the-instance-key")
+    assert launch.build_env(keyed)["API_KEY"] == "the-instance-key"
+    assert "the-instance-key" not in " ".join(launch.build_command(keyed, ""))
 
 
 @pytest.mark.django_db
@@ -236,14 +240,23 @@ def test_an_instance_runs_as_its_row_says_whatever_the_workers_environment_holds
     }
     assert listening == {("127.0.0.2", row.port), ("127.0.0.2", row.prometheus_port)}
     env = server.environ()
-    assert {name for name in env if name in FLAG_ENV_NAMES} == {"AUTO_TRUNCATE"}
+    assert {name for name in env if name in FLAG_ENV_NAMES} == {"AUTO_TRUNCATE", "API_KEY"}
     assert env["AUTO_TRUNCATE"] == "false"
+    # Its own key, not the worker's: in the environment, never on the command line.
+    assert len(row.api_key) >= 32 and env["API_KEY"] == row.api_key
+    assert not any(row.api_key in arg for arg in server.cmdline())
 
+    key = (("authorization", f"Bearer {row.api_key}"),)
     with grpc.insecure_channel(f"127.0.0.2:{row.port}") as channel:
-        info = tei_pb2_grpc.InfoStub(channel).Info(tei_pb2.InfoRequest(), timeout=10)
+        info = tei_pb2_grpc.InfoStub(channel).Info(tei_pb2.InfoRequest(), timeout=10, metadata=key)
         assert (info.model_id, info.max_batch_tokens) == (MINILM_ID, 16384)
         embed = tei_pb2_grpc.EmbedStub(channel)
-        assert len(embed.Embed(tei_pb2.EmbedRequest(inputs="hello"), timeout=30).embeddings) == 384
+        hello = tei_pb2.EmbedRequest(inputs="hello")
+        assert len(embed.Embed(hello, timeout=30, metadata=key).embeddings) == 384
+        for wrong in (None, (("authorization", "Bearer leaked"),)):
+            with pytest.raises(grpc.RpcError) as refused:  # the port is no back door
+                embed.Embed(hello, timeout=30, metadata=wrong)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as too_long:  # auto_truncate is off, as the row says
-            embed.Embed(tei_pb2.EmbedRequest(inputs="word " * 1000), timeout=30)
+            embed.Embed(tei_pb2.EmbedRequest(inputs="word " * 1000), timeout=30, metadata=key)
         assert too_long.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -240,3 +240,30 @@ def test_it_has_a_benchmark_client_that_speaks_mtls(
         "--cert", pki.allowed.cert, "--key", pki.allowed.key, "--ca", pki.ca.cert,
     )  # fmt: skip
     assert (report["successful"], report["failed"], report["num_requests"]) == (50, 0, 3)
+
+
+def test_mtls_and_keys_combine(pki: Pki, guarded: BackgroundMultiplexer, noop_target: str) -> None:
+    from access import keys
+
+    secret = keys.create_key("tls-app", ["inference"]).secret
+    keyring = guarded.server.keyring  # type: ignore[union-attr]
+    deadline = time.monotonic() + 5
+    while not keyring.table.any_key:
+        assert time.monotonic() < deadline, "the multiplexer did not see the key"
+        time.sleep(0.02)
+    request = mux.EmbedArrowRequest(
+        target=mux.Target(instance_name=noop_target), arrow_ipc=text_batch(["a"]), noop=True
+    )
+    port = guarded.server.port  # type: ignore[union-attr]
+    with secure_channel(port, pki.ca.cert, pki.allowed) as channel:
+        stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
+        with pytest.raises(grpc.RpcError) as no_key:  # a good certificate is not enough
+            stub.EmbedArrow(request, timeout=5)
+        assert no_key.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        metadata = (("authorization", f"Bearer {secret}"),)
+        assert stub.EmbedArrow(request, timeout=5, metadata=metadata).arrow_ipc
+    with secure_channel(port, pki.ca.cert, pki.other_subject) as channel:  # nor a good key
+        stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
+        with pytest.raises(grpc.RpcError) as no_subject:
+            stub.EmbedArrow(request, timeout=5, metadata=metadata)
+        assert no_subject.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -21,6 +21,7 @@ from instances.api.serializers import iso, validation_error
 from instances.errors import (
     BadRequest,
     DisallowedHost,
+    Forbidden,
     HeadersTooLarge,
     InternalError,
     MalformedJson,
@@ -28,6 +29,7 @@ from instances.errors import (
     NotFound,
     RequestTooLarge,
     TeiManagerError,
+    Unauthorized,
     UnsupportedMediaType,
     UriTooLong,
 )
@@ -40,6 +42,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if error is None:
         return None  # handler500 renders it
     response = Response(body(error), status=error.status_code)
+    auth_header = getattr(exc, "auth_header", None)
+    if error.status_code == 401 and auth_header:
+        response["WWW-Authenticate"] = auth_header
     if isinstance(exc, exceptions.MethodNotAllowed):
         view = context.get("view")
         if view is not None:
@@ -58,6 +63,12 @@ def as_error(exc: Exception) -> TeiManagerError | None:
         return MethodNotAllowed(str(exc.detail))
     if isinstance(exc, exceptions.NotFound):
         return NotFound(str(exc.detail))
+    if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
+        # DRF says 403 where no authenticator names a scheme; ours does (Bearer).
+        kind = Unauthorized if exc.status_code == 401 else Forbidden
+        return kind(str(exc.detail))
+    if isinstance(exc, exceptions.PermissionDenied):
+        return Forbidden(str(exc.detail))
     if isinstance(exc, exceptions.UnsupportedMediaType):
         return UnsupportedMediaType(f"{exc.detail}; send application/json")
     if isinstance(exc, exceptions.APIException):

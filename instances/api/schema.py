@@ -21,6 +21,8 @@ _EVERY_OPERATION = {
     405: ["METHOD_NOT_ALLOWED"],
     500: ["INTERNAL_ERROR"],
 }
+# What an operation behind a key may answer (protected mode: instances.api.permissions).
+_KEYED = {401: ["UNAUTHORIZED"], 403: ["FORBIDDEN"]}
 # What a POST, PUT or DELETE may answer besides (instances.api.origin).
 _STATE_CHANGES = {403: ["CROSS_ORIGIN_REQUEST"]}
 # What an operation that reads a JSON body may answer besides (instances.api.parsers).
@@ -28,12 +30,18 @@ _JSON_BODY = {400: ["MALFORMED_JSON"], 413: ["REQUEST_TOO_LARGE"], 415: ["UNSUPP
 
 
 def errors(
-    codes: dict[int, list[str]] | None = None, *, changes_state: bool = False, body: bool = False
+    codes: dict[int, list[str]] | None = None,
+    *,
+    changes_state: bool = False,
+    body: bool = False,
+    keyed: bool = True,
 ) -> dict[int, OpenApiResponse]:
     """The error responses of one operation: `codes` (status -> codes) plus the ones every
-    operation, every state change and every JSON body may bring."""
+    operation, every operation behind a key, every state change and every JSON body may
+    bring."""
     merged: dict[int, list[str]] = {}
     parts = [codes or {}, _EVERY_OPERATION]
+    parts += [_KEYED] if keyed else []
     parts += [_STATE_CHANGES] if changes_state else []
     parts += [_JSON_BODY] if body else []
     for part in parts:

@@ -13,4 +13,5 @@ urlpatterns = [
     path("instances/<str:name>/stop", views.StopInstance.as_view(), name="instance-stop"),
     path("instances/<str:name>/restart", views.RestartInstance.as_view(), name="instance-restart"),
     path("instances/<str:name>/logs", views.InstanceLogs.as_view(), name="instance-logs"),
+    path("instances/<str:name>/events", views.InstanceEvents.as_view(), name="instance-events"),
 ]

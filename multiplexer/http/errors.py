@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from multiplexer.admission import AdmissionError, Overloaded
 
-# TEI's error types and statuses; NotFound and Unauthorized are the multiplexer's own
-# (TEI serves one model and has no targets to miss).
+# TEI's error types and statuses; NotFound, Unauthorized and Forbidden are the
+# multiplexer's own (TEI serves one model, has no targets to miss and one key at most).
 STATUS = {
     "Validation": 422,
     "Tokenizer": 422,
@@ -30,6 +30,7 @@ STATUS = {
     "Unhealthy": 503,
     "NotFound": 404,
     "Unauthorized": 401,
+    "Forbidden": 403,
 }
 TEI, TEI_OPENAI, OPENAI = "tei", "tei-openai", "openai"
 
@@ -89,8 +90,10 @@ def from_grpc(code: grpc.StatusCode, message: str) -> HttpError:
         return HttpError("Unhealthy", message)
     if code is grpc.StatusCode.NOT_FOUND:
         return HttpError("NotFound", message)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+    if code is grpc.StatusCode.UNAUTHENTICATED:
         return HttpError("Unauthorized", message)
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return HttpError("Forbidden", message)
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return HttpError(
             "Backend", message or "the instance did not answer in time", status=504, code="timeout"
@@ -104,7 +107,10 @@ def from_exception(exc: BaseException) -> HttpError | None:
     if isinstance(exc, HttpError):
         return exc
     if isinstance(exc, AdmissionError):
-        return from_grpc(exc.code, exc.message)
+        error = from_grpc(exc.code, exc.message)
+        # A key over its rate limit says when to come back; a full queue says 1 s.
+        error.retry_after = getattr(exc, "retry_after", None) or error.retry_after
+        return error
     if isinstance(exc, grpc.aio.AioRpcError):
         return from_grpc(exc.code(), exc.details() or "")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
@@ -146,7 +152,9 @@ def render(error: HttpError, shape: str) -> web.Response:
         body = {"message": error.message, "code": status, "type": error.error_type}
     else:
         body = {"error": error.message, "error_type": error.error_type}
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return web.Response(
         body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
     )
@@ -157,6 +165,7 @@ _OPENAI_STATUS = {422: 400, 424: 400}
 _OPENAI_TYPE = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -171,4 +180,5 @@ _OPENAI_CODE = {
     "Unhealthy": "service_unavailable",
     "NotFound": "model_not_found",
     "Unauthorized": "invalid_api_key",
+    "Forbidden": "permission_denied",
 }

@@ -2,6 +2,7 @@
 
 `model` is an instance name or a model id, routed by the gRPC rules: a name that names an
 instance is that instance, anything else a model id (its running replicas share the load).
+/v1/models lists only what the request's key may use.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from multiplexer.calls import Metadata
 from multiplexer.http import schemas
 from multiplexer.http.errors import HttpError
 from multiplexer.http.tei import Answer, Call, TeiApi, timing, vector
+from multiplexer.keys import KeyEntry
 from multiplexer.routing import RoutingTable
 from multiplexer.wire import Target
 
@@ -33,8 +34,8 @@ class OpenAIApi:
     def __init__(self, tei: TeiApi) -> None:
         self.tei = tei
 
-    def start(self, model: str | None, metadata: Metadata) -> Call:
-        return self.tei.start(resolve(self.tei.router.table, model or ""), metadata)
+    def start(self, model: str | None, grant: KeyEntry | None) -> Call:
+        return self.tei.start(resolve(self.tei.router.table, model or ""), grant)
 
     async def embeddings(
         self, call: Call, body: schemas.OpenAIEmbeddingRequest, model: str
@@ -50,17 +51,25 @@ class OpenAIApi:
         body_out = {"object": "list", "data": data, "model": model, "usage": usage}
         return Answer(body_out, timing(call, replies))
 
-    def models(self) -> Answer:
-        """Every running instance, and every model with a running replica."""
+    def models(self, grant: KeyEntry | None = None) -> Answer:
+        """Every running instance, and every model with a running replica, that the key
+        (`grant`, None: any) may use: a model counts when it matches the key's targets or
+        one of its running replicas does."""
         table = self.tei.router.table
-        names = [route.name for route in table.running]
-        model_ids = sorted({route.model_id for route in table.running})
+        running = [r for r in table.running if grant is None or grant.may_use(r)]
+        names = [route.name for route in running]
+        model_ids = sorted({route.model_id for route in running})
         data = [_model(name) for name in names] + [_model(model_id) for model_id in model_ids]
         return Answer({"object": "list", "data": data})
 
-    def model(self, model: str) -> Answer:
+    def model(self, model: str, grant: KeyEntry | None = None) -> Answer:
         table = self.tei.router.table
-        table.candidates(resolve(table, model))  # NOT_FOUND / UNAVAILABLE when not routable
+        target = resolve(table, model)
+        # NOT_FOUND / UNAVAILABLE when not routable, PERMISSION_DENIED when not the key's.
+        if grant is None:
+            table.candidates(target)
+        else:
+            grant.candidates(table, target)
         return Answer(_model(model))
 
     async def rerank(self, call: Call, body: schemas.OpenAIRerankRequest) -> Answer:

@@ -4,6 +4,10 @@ aiohttp parses HTTP (its C parser), pydantic validates the bodies; the handlers 
 route, call TeiApi / OpenAIApi and write JSON (orjson: numpy float32 vectors go out as
 TEI writes them, shortest float32 digits). A client that disconnects cancels its handler,
 and with it the calls it has in flight to the instance.
+
+Every route but `/health` and the docs checks the request's key first (`Authorization:
+Bearer <key>` or `X-API-Key`, multiplexer/keys.py), before its body is read; the client's
+credentials never reach an instance, which gets its own key instead.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from multiplexer.calls import Metadata
 from multiplexer.channels import ChannelPool
 from multiplexer.http import openapi, schemas
 from multiplexer.http.errors import HttpError, from_exception, render, shape_of
 from multiplexer.http.openai import OpenAIApi
 from multiplexer.http.tei import Answer, Call, TeiApi, parse
+from multiplexer.keys import KeyEntry, Keyring, bearer
 from multiplexer.metrics import UNROUTED, HttpMetrics
 from multiplexer.routing import Router
 from multiplexer.wire import Target
@@ -33,8 +37,10 @@ log = logging.getLogger(__name__)
 TARGETS = (("/instances/{name}", "name"), ("/models/{model_id:.+}", "model_id"))
 CLIENT_CLOSED = 499  # the client went away first (nginx's convention)
 _JSON = "application/json"
-_FORWARDED_HEADERS = ("authorization",)  # reaches instances started with --api-key
 INSTANCE = web.RequestKey("instance", str)  # the metrics label, once routed
+# The request's key, as Keyring.check returns it (None: an open fleet).
+GRANT: web.RequestKey[KeyEntry | None] = web.RequestKey("grant")
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs"})
 
 Run = Callable[[TeiApi, Call, Any], Awaitable[Answer]]
 
@@ -75,7 +81,9 @@ class HttpServer:
         request_timeout: float = 30.0,
         max_client_batch_size: int = 2048,
         payload_limit_bytes: int = 2_000_000,
+        keyring: Keyring | None = None,
     ) -> None:
+        self.keyring = keyring or Keyring()
         self.tei = TeiApi(router, pool, request_timeout, max_client_batch_size)
         self.openai = OpenAIApi(self.tei)
         self.metrics = HttpMetrics()
@@ -149,19 +157,19 @@ class HttpServer:
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = parse(schemas.OpenAIEmbeddingRequest, await request.read())
-        call = self._started(request, self.openai.start(body.model, _metadata(request)))
+        call = self._started(request, self.openai.start(body.model, request[GRANT]))
         return _json(await self.openai.embeddings(call, body, body.model or ""))
 
     async def _rerank(self, request: web.Request) -> web.Response:
         body = parse(schemas.OpenAIRerankRequest, await request.read())
-        call = self._started(request, self.openai.start(body.model, _metadata(request)))
+        call = self._started(request, self.openai.start(body.model, request[GRANT]))
         return _json(await self.openai.rerank(call, body))
 
     async def _models(self, request: web.Request) -> web.Response:
-        return _json(self.openai.models())
+        return _json(self.openai.models(request[GRANT]))
 
     async def _model(self, request: web.Request) -> web.Response:
-        return _json(self.openai.model(request.match_info["model"]))
+        return _json(self.openai.model(request.match_info["model"], request[GRANT]))
 
     async def _health(self, request: web.Request) -> web.Response:
         return _json(Answer({"status": "ok"}))
@@ -175,7 +183,7 @@ class HttpServer:
     # Shared ---------------------------------------------------------------------------
 
     def _start(self, request: web.Request, target: Target) -> Call:
-        return self._started(request, self.tei.start(target, _metadata(request)))
+        return self._started(request, self.tei.start(target, request[GRANT]))
 
     def _started(self, request: web.Request, call: Call) -> Call:
         request[INSTANCE] = call.route.name
@@ -190,6 +198,8 @@ class HttpServer:
         status = CLIENT_CLOSED
         try:
             try:
+                if not _is_open(request.path):
+                    request[GRANT] = self.keyring.check(_presented(request))
                 response = await handler(request)
             except asyncio.CancelledError:
                 raise
@@ -217,11 +227,19 @@ def _target(request: web.Request) -> Target:
     return Target(model_id=info["model_id"].rstrip("/"))
 
 
-def _metadata(request: web.Request) -> Metadata:
-    forwarded = tuple(
-        (key, request.headers[key]) for key in _FORWARDED_HEADERS if key in request.headers
-    )
-    return forwarded or None
+def _presented(request: web.Request) -> str | None:
+    """The request's key: `Authorization: Bearer <key>`, else `X-API-Key`."""
+    headers = request.headers
+    authorization = headers.get("Authorization")
+    if authorization is not None:
+        key = bearer(authorization)
+        if key is not None:
+            return key
+    return headers.get("X-API-Key", "").strip() or None
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(openapi.ASSETS_URL)
 
 
 def _json(answer: Answer) -> web.Response:

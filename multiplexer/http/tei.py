@@ -24,6 +24,7 @@ from multiplexer.calls import InstanceCalls, Metadata
 from multiplexer.channels import ChannelPool
 from multiplexer.http import schemas
 from multiplexer.http.errors import HttpError, empty, from_validation, too_many
+from multiplexer.keys import KeyEntry
 from multiplexer.routing import Route, Router
 from multiplexer.wire import Target
 
@@ -74,7 +75,8 @@ class Answer:
 
 
 class Call:
-    """One HTTP request's work: its route, its deadline, the client's credentials."""
+    """One HTTP request's work: its route, its deadline, the metadata its calls to the
+    instance carry (the instance's own key; never the client's)."""
 
     def __init__(self, route: Route, timeout: float, metadata: Metadata) -> None:
         self.route = route
@@ -107,9 +109,11 @@ class TeiApi:
         self.max_client_batch_size = max_client_batch_size
         self._info: dict[str, tuple[Route, tei_pb2.InfoResponse]] = {}
 
-    def start(self, target: Target, metadata: Metadata = None) -> Call:
-        """Route the request (RoutingError when it cannot be) and start its clock."""
-        return Call(self.router.choose(target), self.request_timeout, metadata)
+    def start(self, target: Target, grant: KeyEntry | None = None) -> Call:
+        """Route the request to what its key (`grant`, None: any) may use (RoutingError
+        or KeyRefusal when it cannot be) and start its clock."""
+        route = self.router.choose(target, grant)
+        return Call(route, self.request_timeout, route.credentials or None)
 
     # Routes ---------------------------------------------------------------------------
 
@@ -277,6 +281,7 @@ class TeiApi:
             reply = await self.pool.unary_unary(call.route.address, _HEALTH_CHECK)(
                 health_pb2.HealthCheckRequest().SerializeToString(),
                 timeout=min(call.remaining, 5.0),
+                metadata=call.metadata,
             )
             serving = (
                 health_pb2.HealthCheckResponse.FromString(reply).status

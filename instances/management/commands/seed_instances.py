@@ -9,6 +9,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from access.audit import Actor
 from instances import services
 from instances.api.serializers import validate_seeds
 from instances.errors import TeiManagerError
@@ -37,7 +38,7 @@ def seed_instance(index: int, seed: dict[str, Any]) -> str:
         Seed.objects.create(name=name)
         return f"Instance '{name}' exists already; seed recorded."
     try:
-        services.create_instance(**seed)
+        services.create_instance(Actor.command(), **seed)
     except TeiManagerError as exc:
         raise CommandError(f"config key 'instances[{index}]' ({name}): {exc.message}") from None
     Seed.objects.create(name=name)
