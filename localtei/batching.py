@@ -1,8 +1,11 @@
-"""TEI's batching: one FIFO queue, one inference thread, no wait timer.
+"""TEI's batching: tokenizer workers, one FIFO queue, one inference thread, no wait timer.
 
-A batch takes requests from the head of the queue until the next one would push the
-padded batch past `max_batch_tokens` (or the batch holds `max_batch_requests`); the
-next batch forms the moment the model is free, from whatever has queued meanwhile.
+Requests reach `submit()` as text. A pool of `--tokenization-workers` threads tokenizes
+them (the Rust tokenizer runs without the GIL) while the inference thread runs the
+current batch; tokenized inputs join the queue. A batch takes inputs from the head of the
+queue until the next one would push the padded batch past `max_batch_tokens` (or the
+batch holds `max_batch_requests`); the next batch forms the moment the model is free,
+from whatever has been tokenized meanwhile.
 """
 
 from __future__ import annotations
@@ -12,15 +15,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from localtei import metrics
+from localtei.errors import ServingError
 from localtei.jobs import Job
+from localtei.tokenization import Encoded, TextInput
 
 log = logging.getLogger(__name__)
 
 RunBatch = Callable[[Sequence[Job]], list[Any]]
-# Called on the inference thread with the batch and its results (or the error).
+Tokenize = Callable[[Sequence[TextInput]], list[Encoded | ServingError]]
+# Called on a batcher thread with jobs and their results (an item may be the job's
+# ServingError), or one error for all of them.
 Deliver = Callable[[list[Job], list[Any] | BaseException], None]
 
 
@@ -31,36 +39,84 @@ class Batcher:
         deliver: Deliver,
         max_batch_tokens: int,
         max_batch_requests: int | None = None,
+        *,
+        tokenize: Tokenize | None = None,
+        tokenization_workers: int = 1,
     ) -> None:
         self._run_batch = run_batch
         self._deliver = deliver
+        self._tokenize = tokenize
         self._max_batch_tokens = max_batch_tokens
         self._max_batch_requests = max_batch_requests
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition(threading.Lock())
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="localtei-inference", daemon=True)
+        self.tokenizers = ThreadPoolExecutor(
+            max(1, tokenization_workers), thread_name_prefix="localtei-tokenize"
+        )
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        """Queue jobs (in order); their results reach `deliver` once a batch has run them."""
+        """Queue jobs (in order); their results reach `deliver` once a batch has run them.
+
+        Jobs with a `source` and no `encoded` are tokenized first, on a tokenizer worker.
+        """
+        metrics.QUEUE_SIZE.inc(len(jobs))
+        if self._tokenize is not None and any(job.encoded is None for job in jobs):
+            self.tokenizers.submit(self._tokenize_and_queue, list(jobs))
+        else:
+            self._enqueue(jobs)
+
+    def run_on_tokenizer(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run `function` on a tokenizer worker (Tokenize and Decode calls)."""
+        return self.tokenizers.submit(function, *args)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish what is queued, then end the tokenizer workers and the inference thread."""
+        self.tokenizers.shutdown(wait=True)
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _tokenize_and_queue(self, jobs: list[Job]) -> None:
+        assert self._tokenize is not None
+        waiting = [job for job in jobs if job.encoded is None]
+        try:
+            results = self._tokenize([job.source for job in waiting])  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
+            log.exception("tokenization failed for %d inputs", len(waiting))
+            metrics.QUEUE_SIZE.dec(len(jobs))
+            self._deliver(jobs, exc)
+            return
+        now = time.perf_counter_ns()
+        failed: list[Job] = []
+        errors: list[Any] = []
+        for job, result in zip(waiting, results, strict=True):
+            job.tokenized_ns = now
+            if isinstance(result, ServingError):
+                failed.append(job)
+                errors.append(result)
+            else:
+                job.encoded = result
+        if failed:
+            metrics.QUEUE_SIZE.dec(len(failed))
+            self._deliver(failed, errors)
+            jobs = [job for job in jobs if job.encoded is not None]
+        if jobs:
+            self._enqueue(jobs)
+
+    def _enqueue(self, jobs: Sequence[Job]) -> None:
         now = time.perf_counter_ns()
         for job in jobs:
             job.enqueued_ns = now
         with self._ready:
             self._queue.extend(jobs)
             self._ready.notify()
-        metrics.QUEUE_SIZE.inc(len(jobs))
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish what is queued, then end the inference thread."""
-        with self._ready:
-            self._stopping = True
-            self._ready.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
@@ -78,7 +134,7 @@ class Batcher:
             job.queue_ns = start - job.enqueued_ns
         metrics.QUEUE_SIZE.dec(len(batch))
         metrics.BATCH_NEXT_SIZE.observe(len(batch))
-        metrics.BATCH_NEXT_TOKENS.observe(sum(len(job.encoded.ids) for job in batch))
+        metrics.BATCH_NEXT_TOKENS.observe(sum(job.tokens for job in batch))
         metrics.BATCH_INFERENCE_COUNT.inc()
         try:
             results: list[Any] | BaseException = self._run_batch(batch)
@@ -99,9 +155,9 @@ def take_batch(
     costs, and what TEI counts for padded backends.
     """
     batch = [queue.popleft()]
-    longest = len(batch[0].encoded.ids)
+    longest = batch[0].tokens
     while queue and (max_batch_requests is None or len(batch) < max_batch_requests):
-        candidate = max(longest, len(queue[0].encoded.ids))
+        candidate = max(longest, queue[0].tokens)
         if candidate * (len(batch) + 1) > max_batch_tokens:
             break
         batch.append(queue.popleft())

@@ -45,6 +45,8 @@ class ModelSpec:
     hidden_size: int
     prompts: dict[str, str] = field(default_factory=dict)
     architectures: list[str] = field(default_factory=list)
+    vocab_size: int = 0
+    pad_token_id: int = 0
 
     @property
     def is_splade(self) -> bool:
@@ -79,6 +81,8 @@ def describe_model(path: Path, pooling: str | None = None) -> ModelSpec:
         hidden_size=int(config.get("hidden_size") or config.get("d_model") or 0),
         prompts=_prompts(path),
         architectures=architectures,
+        vocab_size=int(config.get("vocab_size") or 0),
+        pad_token_id=int(config.get("pad_token_id") or 0),
     )
 
 
