@@ -1,11 +1,13 @@
-"""TEI's batching: tokenizer workers, one FIFO queue, one inference thread, no wait timer.
+"""TEI's batching: tokenizer workers, one FIFO queue, one forward pass at a time, no timer.
 
-Requests reach `submit()` as text. A pool of `--tokenization-workers` threads tokenizes
-them (the Rust tokenizer runs without the GIL) while the inference thread runs the
-current batch; tokenized inputs join the queue. A batch takes inputs from the head of the
-queue until the next one would push the padded batch past `max_batch_tokens` (or the
-batch holds `max_batch_requests`); the next batch forms the moment the model is free,
-from whatever has been tokenized meanwhile.
+Requests reach `submit()` as text. A pool of workers tokenizes them (the Rust tokenizer
+runs without the GIL) and queues them; a batch takes inputs from the head of the queue
+until the next one would push the padded batch past `max_batch_tokens` (or the batch
+holds `max_batch_requests`). The worker that finds the model free runs batches until the
+queue is empty, while the other workers tokenize what arrives meanwhile: the next batch
+forms the moment the model is free. The pool has `--tokenization-workers` + 1 threads,
+so that as many tokenize while one runs the model, and a lone request is tokenized and
+run by the same thread (one hand-over fewer).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 
 RunBatch = Callable[[Sequence[Job]], list[Any]]
 Tokenize = Callable[[Sequence[TextInput]], list[Encoded | ServingError]]
-# Called on a batcher thread with jobs and their results (an item may be the job's
+# Called on a worker thread with jobs and their results (an item may be the job's
 # ServingError), or one error for all of them.
 Deliver = Callable[[list[Job], list[Any] | BaseException], None]
 
@@ -49,41 +51,41 @@ class Batcher:
         self._max_batch_tokens = max_batch_tokens
         self._max_batch_requests = max_batch_requests
         self._queue: deque[Job] = deque()
-        self._ready = threading.Condition(threading.Lock())
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="localtei-inference", daemon=True)
-        self.tokenizers = ThreadPoolExecutor(
-            max(1, tokenization_workers), thread_name_prefix="localtei-tokenize"
+        self._queue_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # held by the worker running forward passes
+        self.workers = ThreadPoolExecutor(
+            max(1, tokenization_workers) + 1, thread_name_prefix="localtei-worker"
         )
-
-    def start(self) -> None:
-        self._thread.start()
 
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue jobs (in order); their results reach `deliver` once a batch has run them.
 
-        Jobs with a `source` and no `encoded` are tokenized first, on a tokenizer worker.
+        Jobs with a `source` and no `encoded` are tokenized first, on a worker.
         """
         metrics.QUEUE_SIZE.inc(len(jobs))
+        self.workers.submit(self._prepare, list(jobs))
+
+    def run_on_worker(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run `function` on a worker (the Tokenize and Decode calls)."""
+        return self.workers.submit(function, *args)
+
+    def stop(self) -> None:
+        """Finish what is submitted, then end the workers."""
+        self.workers.shutdown(wait=True)
+
+    def _prepare(self, jobs: list[Job]) -> None:
         if self._tokenize is not None and any(job.encoded is None for job in jobs):
-            self.tokenizers.submit(self._tokenize_and_queue, list(jobs))
-        else:
-            self._enqueue(jobs)
+            jobs = self._tokenized(jobs)
+        if jobs:
+            now = time.perf_counter_ns()
+            for job in jobs:
+                job.enqueued_ns = now
+            with self._queue_lock:
+                self._queue.extend(jobs)
+        self._drain()
 
-    def run_on_tokenizer(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
-        """Run `function` on a tokenizer worker (Tokenize and Decode calls)."""
-        return self.tokenizers.submit(function, *args)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish what is queued, then end the tokenizer workers and the inference thread."""
-        self.tokenizers.shutdown(wait=True)
-        with self._ready:
-            self._stopping = True
-            self._ready.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _tokenize_and_queue(self, jobs: list[Job]) -> None:
+    def _tokenized(self, jobs: list[Job]) -> list[Job]:
+        """Tokenize the jobs that need it; deliver the refused ones; return the rest."""
         assert self._tokenize is not None
         waiting = [job for job in jobs if job.encoded is None]
         try:
@@ -92,7 +94,7 @@ class Batcher:
             log.exception("tokenization failed for %d inputs", len(waiting))
             metrics.QUEUE_SIZE.dec(len(jobs))
             self._deliver(jobs, exc)
-            return
+            return []
         now = time.perf_counter_ns()
         failed: list[Job] = []
         errors: list[Any] = []
@@ -103,30 +105,32 @@ class Batcher:
                 errors.append(result)
             else:
                 job.encoded = result
-        if failed:
-            metrics.QUEUE_SIZE.dec(len(failed))
-            self._deliver(failed, errors)
-            jobs = [job for job in jobs if job.encoded is not None]
-        if jobs:
-            self._enqueue(jobs)
+        if not failed:
+            return jobs
+        metrics.QUEUE_SIZE.dec(len(failed))
+        self._deliver(failed, errors)
+        return [job for job in jobs if job.encoded is not None]
 
-    def _enqueue(self, jobs: Sequence[Job]) -> None:
-        now = time.perf_counter_ns()
-        for job in jobs:
-            job.enqueued_ns = now
-        with self._ready:
-            self._queue.extend(jobs)
-            self._ready.notify()
+    def _drain(self) -> None:
+        """Run batches until the queue is empty, unless another worker is running them.
 
-    def _loop(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queue and not self._stopping:
-                    self._ready.wait()
-                if not self._queue:
-                    return
-                batch = take_batch(self._queue, self._max_batch_tokens, self._max_batch_requests)
-            self._run(batch)
+        The queue is checked again after the model is let go: a job queued by a worker
+        that found the model busy a moment before is run, never stranded.
+        """
+        while self._queue:
+            if not self._model_lock.acquire(blocking=False):
+                return
+            try:
+                while True:
+                    with self._queue_lock:
+                        if not self._queue:
+                            break
+                        batch = take_batch(
+                            self._queue, self._max_batch_tokens, self._max_batch_requests
+                        )
+                    self._run(batch)
+            finally:
+                self._model_lock.release()
 
     def _run(self, batch: list[Job]) -> None:
         start = time.perf_counter_ns()

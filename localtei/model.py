@@ -37,6 +37,8 @@ class Engine(Protocol):
     device: str
     dtype: str  # what Info's model_dtype says
     threads: int
+    # Padded tokens per forward pass beyond which it runs no faster, if there is such a limit.
+    batch_tokens: int | None
 
     def forward(
         self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, *, hidden: bool, pooled: bool
@@ -197,7 +199,8 @@ class Model:
             raise BackendError("`normalize` is not available for SPLADE models")
 
     def run(self, jobs: Sequence[Job]) -> list[Any]:
-        """Results in job order: a vector, (indices, values), token vectors, or scores."""
+        """Results in job order: a vector (float32 array), (indices, values), token
+        vectors, or scores."""
         start = time.perf_counter_ns()
         lengths = [job.tokens for job in jobs]
         ids, mask, types = self._inputs(jobs, lengths)
@@ -216,7 +219,7 @@ class Model:
     ) -> np.ndarray:
         """Pooled embeddings of `texts` (truncated to the model's limit), shape (n, size)."""
         self.check(Task.POOLED, normalize)
-        vectors: list[list[float]] = []
+        vectors: list[np.ndarray] = []
         for i in range(0, len(texts), batch_size):
             inputs = [TextInput(text, truncate=True) for text in texts[i : i + batch_size]]
             jobs = []
@@ -273,12 +276,12 @@ class Model:
         return results
 
 
-def _dense(vector: np.ndarray, normalize: bool, dimensions: int | None) -> list[float]:
+def _dense(vector: np.ndarray, normalize: bool, dimensions: int | None) -> np.ndarray:
     if dimensions is not None:
         vector = vector[:dimensions]
     if normalize:
         vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-    return vector.tolist()  # type: ignore[no-any-return]
+    return vector.astype(np.float32, copy=False)
 
 
 def _scores(logits: np.ndarray, raw_scores: bool) -> list[float]:

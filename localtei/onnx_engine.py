@@ -53,6 +53,9 @@ def load_onnx_engine(spec: ModelSpec, dtype: str, threads: int, cache: Path) -> 
 class OnnxEngine:
     name = "onnx"
     device = "cpu"
+    # On CPU a forward pass gains nothing past a few hundred tokens and then loses: bigger
+    # intermediate tensors fall out of the caches (see benchmarks/results/).
+    batch_tokens: int | None = 512
 
     def __init__(self, spec: ModelSpec, session: Any, output: str, dtype: str, threads: int):
         self.spec = spec

@@ -94,12 +94,11 @@ async def _serve(settings: Settings) -> int:
     batcher = Batcher(
         model.run,
         service.deliver,
-        settings.max_batch_tokens,
+        min(settings.max_batch_tokens, model.engine.batch_tokens or settings.max_batch_tokens),
         settings.max_batch_requests,
         tokenize=model.tokenizer.encode_many,
         tokenization_workers=settings.tokenization_workers or core_count(),
     )
-    batcher.start()
     service.attach(model, batcher)
     await health.set("", _SERVING)
     for name in served_services(model.spec.kind):

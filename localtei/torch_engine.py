@@ -28,6 +28,7 @@ def load_torch_engine(spec: ModelSpec, dtype: str | None, device: str, threads: 
 
 class TorchEngine:
     name = "torch"
+    batch_tokens: int | None = None
 
     def __init__(
         self, spec: ModelSpec, module: torch.nn.Module, device: str, dtype: str, threads: int
