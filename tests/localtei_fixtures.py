@@ -64,13 +64,16 @@ def minilm_path() -> Path:
 
 
 def localtei_env(**extra: str) -> dict[str, str]:
-    """The environment a test server runs with: offline, one torch thread, repo importable."""
+    """The environment a test server runs with: offline, one intra-op thread, the session's
+    ONNX cache (tests/conftest.py sets LOCALTEI_CACHE), repo importable."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         # Several servers and the tests share two cores: one thread each keeps them civil.
         LOCALTEI_NUM_THREADS=os.environ.get("LOCALTEI_TEST_NUM_THREADS", "1"),
+        # One cache for every server of the session: each model is exported once.
+        LOCALTEI_CACHE=os.environ.get("LOCALTEI_CACHE", ""),
         PYTHONPATH=os.pathsep.join(
             [str(REPO_ROOT), str(REPO_ROOT / "proto"), os.environ.get("PYTHONPATH", "")]
         ),
