@@ -222,6 +222,9 @@ class Worker:
 
 @pytest.fixture(scope="session")
 def _session_worker(django_db_setup: None, django_db_blocker: Any) -> Iterator[Worker]:
+    from tests.localtei_fixtures import MINILM_ID, prepare_onnx
+
+    prepare_onnx(MINILM_ID)  # exported once, before any instance's start-up timeout runs
     worker = Worker(TEST_NODE, {}, "session").start()
     yield worker
     with django_db_blocker.unblock():

@@ -339,6 +339,7 @@ def test_a_stop_during_the_export_ends_the_export_too(models: TinyModels, tmp_pa
         "splade",
         env=localtei_env(LOCALTEI_CACHE=str(cache)),
         log_path=tmp_path / "log",
+        prepare=False,  # the server itself is to export
     )
     try:
         deadline = time.monotonic() + 60
