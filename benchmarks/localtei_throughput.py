@@ -44,6 +44,9 @@ for entry in (ROOT, ROOT / "proto"):
 SCRATCH = Path(tempfile.mkdtemp(prefix="localtei-bench-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["TEI_MANAGER_STATE_FILE"] = str(SCRATCH / "state.sqlite3")
+# 2,000 texts in one EmbedArrow call may take longer than the default 30 s on a busy box.
+(SCRATCH / "config.toml").write_text("grpc_request_timeout_secs = 600\n")
+os.environ["TEI_MANAGER_CONFIG"] = str(SCRATCH / "config.toml")
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "teimanager.settings")
 
 import django  # noqa: E402
