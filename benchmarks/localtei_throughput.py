@@ -1,16 +1,23 @@
-"""localtei throughput and latency against the same model run in-process.
+"""localtei against the fastest in-process engine on the same texts, in one run.
 
     .venv/bin/python benchmarks/localtei_throughput.py [--texts 2000] [--clients 32]
 
-(a) in-process: `localtei.model.load_model(...).embed(texts, batch_size=32)`, the code
-    path the server runs, without gRPC;
-(b) the same texts as `--clients` concurrent unary Embed calls to a `python -m localtei`;
-(c) one-text latency (p50) both ways.
-(a) and (b) alternate for `--rounds` rounds and the latency samples alternate call by call,
-so that neighbours loading a shared machine weigh on both sides alike; the table shows
-medians over rounds. Both sides use localtei's torch thread policy (`default_num_threads`).
-Writes benchmarks/results/localtei_throughput.md and prints it. Goals on a 2-core box:
-(b)/(a) >= 0.90 and (c) server / in-process <= 1.3.
+Measured, in alternating rounds so that neighbours loading a shared machine weigh on
+every side alike (the table shows medians over rounds):
+
+- in-process torch and in-process ONNX Runtime: `localtei.model.load_model(...,
+  backend=...).embed(texts, batch_size=32)`, every core (the code path the server runs,
+  without gRPC);
+- the localtei server at its defaults (`python -m localtei --model-id ...`: ONNX Runtime,
+  every core) with `--clients` concurrent unary Embed callers;
+- EmbedArrow of all the texts in one call through `manage.py runmultiplexer`, routed to
+  that server;
+- one-text latency p50 all three ways (calls alternate, one of each per round);
+- each server's RSS after warm-up, `--backend torch` and the default (ONNX Runtime).
+
+Goals against the fastest in-process engine: server throughput >= 0.90x, one-text p50
+<= 1.3x, EmbedArrow through the multiplexer >= 0.85x. Writes
+benchmarks/results/localtei_throughput.md and prints it.
 """
 
 from __future__ import annotations
@@ -21,25 +28,53 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 for entry in (ROOT, ROOT / "proto"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
+SCRATCH = Path(tempfile.mkdtemp(prefix="localtei-bench-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["TEI_MANAGER_STATE_FILE"] = str(SCRATCH / "state.sqlite3")
+# 2,000 texts in one EmbedArrow call may take longer than the default 30 s on a busy box.
+(SCRATCH / "config.toml").write_text("grpc_request_timeout_secs = 600\n")
+os.environ["TEI_MANAGER_CONFIG"] = str(SCRATCH / "config.toml")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "teimanager.settings")
+
+import django  # noqa: E402
+
+django.setup()
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from tei.v1 import tei_pb2, tei_pb2_grpc  # noqa: E402
+from tei_multiplexer.v1 import multiplexer_pb2 as mux  # noqa: E402
+from tei_multiplexer.v1 import multiplexer_pb2_grpc  # noqa: E402
 
-from tests.localtei_fixtures import MINILM_ID, localtei_env, start_localtei  # noqa: E402
+from localtei.settings import core_count  # noqa: E402
+from multiplexer.benchclient import text_batch  # noqa: E402
+from tests.localtei_fixtures import (  # noqa: E402
+    MINILM_ID,
+    LocalTEI,
+    free_port,
+    localtei_env,
+    start_localtei,
+)
 
 RESULTS = ROOT / "benchmarks" / "results" / "localtei_throughput.md"
 LATENCY_TEXT = "How fast does one short sentence come back?"
+INSTANCE = "bench-minilm"
 
 
 def main() -> None:
@@ -51,55 +86,61 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=100)
     args = parser.parse_args()
 
-    import torch
-
-    from localtei.model import default_num_threads, load_model
+    from localtei.model import load_model
 
     texts = make_texts(args.texts)
-    threads = default_num_threads()
-    torch.set_num_threads(threads)
-    env = localtei_env(LOCALTEI_NUM_THREADS=str(threads))
-    # The server starts first: while the in-process side runs, it idles and costs nothing.
-    with start_localtei(MINILM_ID, env=env) as server:
-        rss_mb = psutil.Process(server.proc.pid).memory_info().rss / 2**20
-        model = load_model(MINILM_ID)
-        model.embed(texts[:64], batch_size=args.batch_size)  # warm-up
-        tokens = statistics.mean(len(model.tokenizer.encode(t).ids) for t in texts)
-        with server.channel() as channel:
-            stub = tei_pb2_grpc.EmbedStub(channel)
-            for text in texts[:64]:  # warm-up
-                stub.Embed(tei_pb2.EmbedRequest(inputs=text))
-            local_rates, server_rates = [], []
-            for round_number in range(args.rounds):
-                started = time.perf_counter()
-                model.embed(texts, batch_size=args.batch_size)
-                local_rates.append(len(texts) / (time.perf_counter() - started))
-                server_rates.append(
-                    asyncio.run(run_concurrent(server.address, texts, args.clients))
-                )
-                print(
-                    f"round {round_number + 1}: in-process {local_rates[-1]:.1f} texts/s, "
-                    f"server {server_rates[-1]:.1f} texts/s",
-                    flush=True,
-                )
-            local_p50, server_p50 = paired_latency_p50(
-                lambda: model.embed([LATENCY_TEXT]),
-                lambda: stub.Embed(tei_pb2.EmbedRequest(inputs=LATENCY_TEXT)),
-                args.latency_samples,
+    # The server at its defaults: no thread count from the test environment.
+    env = localtei_env()
+    env.pop("LOCALTEI_NUM_THREADS", None)
+    rss: dict[str, float] = {}
+    with start_localtei(MINILM_ID, "--backend", "torch", env=env) as torch_server:
+        rss["torch"] = warmed_up_rss(torch_server, texts)
+    with (
+        start_localtei(MINILM_ID, env=env) as server,
+        multiplexer_for(server) as routed,
+        server.channel() as channel,
+        grpc.insecure_channel(routed) as routed_channel,
+    ):
+        rss["onnx"] = warmed_up_rss(server, texts)
+        engines = {
+            "torch": load_model(MINILM_ID, backend="torch"),
+            "onnx": load_model(MINILM_ID, backend="onnx"),
+        }
+        threads = {name: model.engine.threads for name, model in engines.items()}
+        for model in engines.values():
+            model.embed(texts[:64], batch_size=args.batch_size)  # warm-up
+        tokens = statistics.mean(len(engines["onnx"].tokenizer.encode(t).ids) for t in texts)
+        arrow = arrow_caller(routed_channel, texts)
+        arrow()  # warm-up
+        rates: dict[str, list[float]] = {"torch": [], "onnx": [], "server": [], "arrow": []}
+        runs: dict[str, Callable[[], float]] = {
+            "torch": lambda: in_process(engines["torch"], texts, args.batch_size),
+            "onnx": lambda: in_process(engines["onnx"], texts, args.batch_size),
+            "server": lambda: asyncio.run(concurrent(server.address, texts, args.clients)),
+            "arrow": arrow,
+        }
+        for round_number in range(args.rounds):
+            order = list(runs)
+            order = order[round_number % len(order) :] + order[: round_number % len(order)]
+            for name in order:
+                rates[name].append(runs[name]())
+            print(
+                f"round {round_number + 1}: "
+                + ", ".join(f"{name} {rates[name][-1]:.0f} texts/s" for name in runs),
+                flush=True,
             )
-        rss_after_mb = psutil.Process(server.proc.pid).memory_info().rss / 2**20
+        stub = tei_pb2_grpc.EmbedStub(channel)
+        p50 = latency_p50(
+            {
+                "torch": lambda: engines["torch"].embed([LATENCY_TEXT]),
+                "onnx": lambda: engines["onnx"].embed([LATENCY_TEXT]),
+                "server": lambda: stub.Embed(tei_pb2.EmbedRequest(inputs=LATENCY_TEXT)),
+            },
+            args.latency_samples,
+        )
+        rss["onnx after the run"] = psutil.Process(server.proc.pid).memory_info().rss / 2**20
 
-    report = render(
-        args,
-        threads,
-        tokens,
-        local_rates,
-        server_rates,
-        local_p50,
-        server_p50,
-        rss_mb,
-        rss_after_mb,
-    )
+    report = render(args, threads, tokens, rates, p50, rss)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(report)
     print(report)
@@ -119,7 +160,19 @@ def make_texts(count: int) -> list[str]:
     ]
 
 
-async def run_concurrent(address: str, texts: list[str], clients: int) -> float:
+def warmed_up_rss(server: LocalTEI, texts: list[str]) -> float:
+    """MiB resident once the server has answered a few hundred calls."""
+    asyncio.run(concurrent(server.address, texts[:256], 32))
+    return float(psutil.Process(server.proc.pid).memory_info().rss / 2**20)
+
+
+def in_process(model: Any, texts: list[str], batch_size: int) -> float:
+    started = time.perf_counter()
+    model.embed(texts, batch_size=batch_size)
+    return len(texts) / (time.perf_counter() - started)
+
+
+async def concurrent(address: str, texts: list[str], clients: int) -> float:
     """`clients` callers, each sending its next text as soon as its last one is answered."""
     channel = grpc.aio.insecure_channel(address)
     stub = tei_pb2_grpc.EmbedStub(channel)
@@ -141,60 +194,152 @@ async def run_concurrent(address: str, texts: list[str], clients: int) -> float:
     return len(texts) / elapsed
 
 
-def paired_latency_p50(
-    local: Callable[[], object], remote: Callable[[], object], samples: int
-) -> tuple[float, float]:
-    """Median seconds per call of each, alternating calls so both see the same machine."""
-    local_timings, remote_timings = [], []
+def arrow_caller(channel: grpc.Channel, texts: list[str]) -> Callable[[], float]:
+    """One EmbedArrow call with every text, through the multiplexer: texts/s."""
+    stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
+    request = mux.EmbedArrowRequest(
+        target=mux.Target(instance_name=INSTANCE), arrow_ipc=text_batch(texts), normalize=True
+    )
+
+    def call() -> float:
+        started = time.perf_counter()
+        reply = stub.EmbedArrow(request, timeout=600)
+        rows = pa.ipc.open_stream(pa.py_buffer(reply.arrow_ipc)).read_all().num_rows
+        elapsed = time.perf_counter() - started
+        assert rows == len(texts)
+        return len(texts) / elapsed
+
+    return call
+
+
+def latency_p50(calls: dict[str, Callable[[], object]], samples: int) -> dict[str, float]:
+    """Median seconds per call of each, one of each per round so all see the same machine."""
+    for call in calls.values():
+        for _ in range(10):
+            call()
+    timings: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(samples):
-        for call, timings in ((local, local_timings), (remote, remote_timings)):
+        for name, call in calls.items():
             started = time.perf_counter()
             call()
-            timings.append(time.perf_counter() - started)
-    return statistics.median(local_timings), statistics.median(remote_timings)
+            timings[name].append(time.perf_counter() - started)
+    return {name: statistics.median(spent) for name, spent in timings.items()}
+
+
+@contextmanager
+def multiplexer_for(server: LocalTEI) -> Iterator[str]:
+    """`manage.py runmultiplexer` on a scratch database whose one instance is `server`."""
+    call_command("migrate", verbosity=0)
+    from instances.models import Instance
+
+    Instance.objects.create(
+        name=INSTANCE,
+        model_id=MINILM_ID,
+        port=server.port,
+        prometheus_port=server.prometheus_port,
+        status="running",
+        node="bench",
+    )
+    port = free_port()
+    log = (SCRATCH / "multiplexer.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "runmultiplexer", "--host", "127.0.0.1", "--port",
+         str(port), "--metrics-port", str(free_port())],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'proto'}"},
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_until_serving(address, process)
+        yield address
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def wait_until_serving(address: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"the multiplexer exited; see {SCRATCH / 'multiplexer.log'}")
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise SystemExit("the multiplexer did not start within 60 s")
 
 
 def render(
     args: argparse.Namespace,
-    threads: int,
+    threads: dict[str, int],
     tokens: float,
-    local_rates: list[float],
-    server_rates: list[float],
-    local_p50: float,
-    server_p50: float,
-    rss_mb: float,
-    rss_after_mb: float,
+    rates: dict[str, list[float]],
+    p50: dict[str, float],
+    rss: dict[str, float],
 ) -> str:
-    local_rate = statistics.median(local_rates)
-    server_rate = statistics.median(server_rates)
-    ratios = [remote / local for remote, local in zip(server_rates, local_rates, strict=True)]
-    throughput_ratio = statistics.median(ratios)
-    rounds = ", ".join(f"{ratio:.2f}" for ratio in ratios)
-    latency_ratio = server_p50 / local_p50
-    verdict = {True: "met", False: "NOT met"}
+    rate = {name: statistics.median(values) for name, values in rates.items()}
+    fastest = max(("torch", "onnx"), key=lambda name: rate[name])
+    quickest = min(("torch", "onnx"), key=lambda name: p50[name])
+    names = {"torch": "in-process torch", "onnx": "in-process ONNX Runtime"}
+
+    def per_round(name: str) -> str:
+        ratios = [a / b for a, b in zip(rates[name], rates[fastest], strict=True)]
+        return ", ".join(f"{ratio:.2f}" for ratio in ratios)
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    server_ratio = rate["server"] / rate[fastest]
+    arrow_ratio = rate["arrow"] / rate[fastest]
+    latency_ratio = p50["server"] / p50[quickest]
+    command = "python benchmarks/localtei_throughput.py " + " ".join(
+        f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items()
+    )
     return "\n".join(
         [
             "# localtei throughput",
             "",
             f"Model `{MINILM_ID}`, {args.texts} texts of about {tokens:.0f} tokens, "
-            f"{threads} torch threads, {len(os.sched_getaffinity(0))} CPU cores "
-            f"({platform.processor() or platform.machine()}), "
-            f"{time.strftime('%Y-%m-%d %H:%M')}.",
+            f"{core_count()} CPU cores ({platform.processor() or platform.machine()}), "
+            f"intra-op threads: torch {threads['torch']}, ONNX Runtime {threads['onnx']}, "
+            f"server at its defaults; {time.strftime('%Y-%m-%d %H:%M')}. Command: `{command}`.",
             "",
-            "| measure | in-process | localtei server | server / in-process | goal |",
-            "|---|---:|---:|---:|---|",
-            f"| throughput, texts/s (in-process batch {args.batch_size}; server "
-            f"{args.clients} concurrent unary Embed) | {local_rate:.1f} | {server_rate:.1f} "
-            f"| {throughput_ratio:.2f} | >= 0.90: {verdict[throughput_ratio >= 0.9]} |",
-            f"| one-text latency p50, ms ({args.latency_samples} sequential calls) "
-            f"| {local_p50 * 1000:.2f} | {server_p50 * 1000:.2f} | {latency_ratio:.2f} "
-            f"| <= 1.3: {verdict[latency_ratio <= 1.3]} |",
+            "| measure | texts/s | / fastest in-process | one text, p50 | / quickest in-process "
+            "| goal |",
+            "|---|---:|---:|---:|---:|---|",
+            f"| in-process torch, batch {args.batch_size} | {rate['torch']:.0f} "
+            f"| {rate['torch'] / rate[fastest]:.2f} | {p50['torch'] * 1000:.2f} ms "
+            f"| {p50['torch'] / p50[quickest]:.2f} | |",
+            f"| in-process ONNX Runtime, batch {args.batch_size} | {rate['onnx']:.0f} "
+            f"| {rate['onnx'] / rate[fastest]:.2f} | {p50['onnx'] * 1000:.2f} ms "
+            f"| {p50['onnx'] / p50[quickest]:.2f} | |",
+            f"| localtei server, {args.clients} concurrent unary Embed | {rate['server']:.0f} "
+            f"| {server_ratio:.2f} | {p50['server'] * 1000:.2f} ms | {latency_ratio:.2f} "
+            f"| throughput >= 0.90: {verdict(server_ratio >= 0.9)}; "
+            f"p50 <= 1.3: {verdict(latency_ratio <= 1.3)} |",
+            f"| EmbedArrow, {args.texts} texts in one call, through the multiplexer "
+            f"| {rate['arrow']:.0f} | {arrow_ratio:.2f} | | | >= 0.85: "
+            f"{verdict(arrow_ratio >= 0.85)} |",
             "",
-            f"Throughput: medians over {args.rounds} alternating rounds; ratio per round: "
-            f"{rounds}. Load average at the end: {os.getloadavg()[0]:.1f} "
-            "(other work on the machine slows both sides).",
+            f"Fastest in-process engine: {names[fastest]}; quickest for one text: "
+            f"{names[quickest]}. Medians over {args.rounds} rounds (each round runs every "
+            f"side once, in rotating order); per round, server / fastest: "
+            f"{per_round('server')}; EmbedArrow / fastest: {per_round('arrow')}. "
+            f"One-text p50 over {args.latency_samples} calls of each, interleaved. "
+            f"Load average at the end: {os.getloadavg()[0]:.1f} (other work on the machine "
+            "slows every side).",
             "",
-            f"Server RSS after warm-up: {rss_mb:.0f} MiB (after the run: {rss_after_mb:.0f} MiB).",
+            f"Server RSS after warm-up (256 calls): `--backend torch` {rss['torch']:.0f} MiB, "
+            f"ONNX Runtime (the default) {rss['onnx']:.0f} MiB "
+            f"({rss['onnx after the run']:.0f} MiB after the run).",
             "",
         ]
     )

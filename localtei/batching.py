@@ -1,8 +1,13 @@
-"""TEI's batching: one FIFO queue, one inference thread, no wait timer.
+"""TEI's batching: tokenizer workers, one FIFO queue, one forward pass at a time, no timer.
 
-A batch takes requests from the head of the queue until the next one would push the
-padded batch past `max_batch_tokens` (or the batch holds `max_batch_requests`); the
-next batch forms the moment the model is free, from whatever has queued meanwhile.
+Requests reach `submit()` as text. A pool of workers tokenizes them (the Rust tokenizer
+runs without the GIL) and queues them; a batch takes inputs from the head of the queue
+until the next one would push the padded batch past `max_batch_tokens` (or the batch
+holds `max_batch_requests`). The worker that finds the model free runs batches until the
+queue is empty, while the other workers tokenize what arrives meanwhile: the next batch
+forms the moment the model is free. The pool has `--tokenization-workers` + 1 threads,
+so that as many tokenize while one runs the model, and a lone request is tokenized and
+run by the same thread (one hand-over fewer).
 """
 
 from __future__ import annotations
@@ -12,15 +17,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from localtei import metrics
+from localtei.errors import ServingError
 from localtei.jobs import Job
+from localtei.tokenization import Encoded, TextInput
 
 log = logging.getLogger(__name__)
 
 RunBatch = Callable[[Sequence[Job]], list[Any]]
-# Called on the inference thread with the batch and its results (or the error).
+Tokenize = Callable[[Sequence[TextInput]], list[Encoded | ServingError]]
+# Called on a worker thread with jobs and their results (an item may be the job's
+# ServingError), or one error for all of them.
 Deliver = Callable[[list[Job], list[Any] | BaseException], None]
 
 
@@ -31,46 +41,96 @@ class Batcher:
         deliver: Deliver,
         max_batch_tokens: int,
         max_batch_requests: int | None = None,
+        *,
+        tokenize: Tokenize | None = None,
+        tokenization_workers: int = 1,
     ) -> None:
         self._run_batch = run_batch
         self._deliver = deliver
+        self._tokenize = tokenize
         self._max_batch_tokens = max_batch_tokens
         self._max_batch_requests = max_batch_requests
         self._queue: deque[Job] = deque()
-        self._ready = threading.Condition(threading.Lock())
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="localtei-inference", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
+        self._queue_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # held by the worker running forward passes
+        self.workers = ThreadPoolExecutor(
+            max(1, tokenization_workers) + 1, thread_name_prefix="localtei-worker"
+        )
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        """Queue jobs (in order); their results reach `deliver` once a batch has run them."""
-        now = time.perf_counter_ns()
-        for job in jobs:
-            job.enqueued_ns = now
-        with self._ready:
-            self._queue.extend(jobs)
-            self._ready.notify()
+        """Queue jobs (in order); their results reach `deliver` once a batch has run them.
+
+        Jobs with a `source` and no `encoded` are tokenized first, on a worker.
+        """
         metrics.QUEUE_SIZE.inc(len(jobs))
+        self.workers.submit(self._prepare, list(jobs))
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish what is queued, then end the inference thread."""
-        with self._ready:
-            self._stopping = True
-            self._ready.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    def run_on_worker(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run `function` on a worker (the Tokenize and Decode calls)."""
+        return self.workers.submit(function, *args)
 
-    def _loop(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queue and not self._stopping:
-                    self._ready.wait()
-                if not self._queue:
-                    return
-                batch = take_batch(self._queue, self._max_batch_tokens, self._max_batch_requests)
-            self._run(batch)
+    def stop(self) -> None:
+        """Finish what is submitted, then end the workers."""
+        self.workers.shutdown(wait=True)
+
+    def _prepare(self, jobs: list[Job]) -> None:
+        if self._tokenize is not None and any(job.encoded is None for job in jobs):
+            jobs = self._tokenized(jobs)
+        if jobs:
+            now = time.perf_counter_ns()
+            for job in jobs:
+                job.enqueued_ns = now
+            with self._queue_lock:
+                self._queue.extend(jobs)
+        self._drain()
+
+    def _tokenized(self, jobs: list[Job]) -> list[Job]:
+        """Tokenize the jobs that need it; deliver the refused ones; return the rest."""
+        assert self._tokenize is not None
+        waiting = [job for job in jobs if job.encoded is None]
+        try:
+            results = self._tokenize([job.source for job in waiting])  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
+            log.exception("tokenization failed for %d inputs", len(waiting))
+            metrics.QUEUE_SIZE.dec(len(jobs))
+            self._deliver(jobs, exc)
+            return []
+        now = time.perf_counter_ns()
+        failed: list[Job] = []
+        errors: list[Any] = []
+        for job, result in zip(waiting, results, strict=True):
+            job.tokenized_ns = now
+            if isinstance(result, ServingError):
+                failed.append(job)
+                errors.append(result)
+            else:
+                job.encoded = result
+        if not failed:
+            return jobs
+        metrics.QUEUE_SIZE.dec(len(failed))
+        self._deliver(failed, errors)
+        return [job for job in jobs if job.encoded is not None]
+
+    def _drain(self) -> None:
+        """Run batches until the queue is empty, unless another worker is running them.
+
+        The queue is checked again after the model is let go: a job queued by a worker
+        that found the model busy a moment before is run, never stranded.
+        """
+        while self._queue:
+            if not self._model_lock.acquire(blocking=False):
+                return
+            try:
+                while True:
+                    with self._queue_lock:
+                        if not self._queue:
+                            break
+                        batch = take_batch(
+                            self._queue, self._max_batch_tokens, self._max_batch_requests
+                        )
+                    self._run(batch)
+            finally:
+                self._model_lock.release()
 
     def _run(self, batch: list[Job]) -> None:
         start = time.perf_counter_ns()
@@ -78,7 +138,7 @@ class Batcher:
             job.queue_ns = start - job.enqueued_ns
         metrics.QUEUE_SIZE.dec(len(batch))
         metrics.BATCH_NEXT_SIZE.observe(len(batch))
-        metrics.BATCH_NEXT_TOKENS.observe(sum(len(job.encoded.ids) for job in batch))
+        metrics.BATCH_NEXT_TOKENS.observe(sum(job.tokens for job in batch))
         metrics.BATCH_INFERENCE_COUNT.inc()
         try:
             results: list[Any] | BaseException = self._run_batch(batch)
@@ -99,9 +159,9 @@ def take_batch(
     costs, and what TEI counts for padded backends.
     """
     batch = [queue.popleft()]
-    longest = len(batch[0].encoded.ids)
+    longest = batch[0].tokens
     while queue and (max_batch_requests is None or len(batch) < max_batch_requests):
-        candidate = max(longest, len(queue[0].encoded.ids))
+        candidate = max(longest, queue[0].tokens)
         if candidate * (len(batch) + 1) > max_batch_tokens:
             break
         batch.append(queue.popleft())

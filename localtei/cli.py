@@ -11,10 +11,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from localtei.settings import Settings
+from localtei.settings import BACKENDS, Settings
 from localtei.spec import POOLINGS
 
-_DTYPES = ("float32", "float16", "bfloat16")
+# int8: ONNX Runtime's dynamic quantization, on CPU.
+_DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     add("--tokenization-workers", type=int, default=_env_int("TOKENIZATION_WORKERS"))
     add("--dtype", choices=_DTYPES, default=_env("DTYPE"))
     add("--pooling", choices=POOLINGS, default=_env("POOLING"))
+    # Not a TEI flag: ONNX Runtime on CPU and torch on CUDA by default.
+    add("--backend", choices=BACKENDS, default=_env("LOCALTEI_BACKEND", "auto"))
     add("--max-concurrent-requests", type=int, default=_env_int("MAX_CONCURRENT_REQUESTS", 512))
     add("--max-batch-tokens", type=int, default=_env_int("MAX_BATCH_TOKENS", 16384))
     add("--max-batch-requests", type=int, default=_env_int("MAX_BATCH_REQUESTS"))
@@ -100,6 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         huggingface_hub_cache=args.huggingface_hub_cache,
         api_key=args.api_key,
         payload_limit=args.payload_limit,
+        backend=args.backend,
     )
 
 

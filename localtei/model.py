@@ -1,43 +1,54 @@
-"""Load a model with transformers and run batches of tokenized inputs through it.
+"""Load a model on an engine (ONNX Runtime or torch) and run batches of tokenized inputs.
 
 `load_model()` is also the in-process API (see the package docstring): the server and a
-benchmark baseline share this exact code path.
+benchmark baseline share this exact code path. The engine does the forward pass and the
+pooling; everything before (padding) and after (normalizing, sparse entries, scores) is
+shared, so both engines answer alike.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from localtei.errors import BackendError, StartupError
 from localtei.jobs import Job, Task
 from localtei.lookup import ModelLocation, find_model
+from localtei.settings import BACKENDS, default_cache_dir, default_num_threads
 from localtei.spec import ModelKind, ModelSpec, describe_model
-from localtei.tokenization import TextTokenizer
+from localtei.tokenization import TextInput, TextTokenizer
+
+__all__ = ["Engine", "Model", "default_num_threads", "load_model"]
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
-def default_num_threads() -> int:
-    """Torch threads for the forward pass: LOCALTEI_NUM_THREADS, else all cores but one.
+class Engine(Protocol):
+    """A forward pass plus pooling, on numpy arrays in and out."""
 
-    The spare core runs the gRPC event loop and tokenization: intra-op threads on every
-    core stall each other (OpenMP waits for a descheduled peer) as soon as anything else
-    runs. On an idle 2-core box, 2 threads served more (177 vs 120 Embed/s to 16 callers),
-    but with a multiplexer or a client on the same cores they lost on latency and on
-    throughput per caller; see benchmarks/results/.
-    """
-    configured = int(os.environ.get("LOCALTEI_NUM_THREADS") or 0)
-    return configured or max(1, len(os.sched_getaffinity(0)) - 1)
+    name: str  # "onnx" or "torch"
+    device: str
+    dtype: str  # what Info's model_dtype says
+    threads: int
+    # Padded tokens per forward pass beyond which it runs no faster, if there is such a limit.
+    batch_tokens: int | None
+
+    def forward(
+        self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, *, hidden: bool, pooled: bool
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(token vectors (batch, tokens, size) if `hidden`, pooled vectors if `pooled`).
+
+        For classifiers and rerankers `pooled` is the logits (batch, labels); for SPLADE
+        the pooled vocabulary-sized vectors.
+        """
+        ...
 
 
 def load_model(
@@ -48,6 +59,9 @@ def load_model(
     revision: str | None = None,
     cache_dir: str | None = None,
     device: str | None = None,
+    backend: str = "auto",
+    threads: int | None = None,
+    onnx_cache: str | Path | None = None,
     default_prompt: str | None = None,
     default_prompt_name: str | None = None,
     max_input_length: int | None = None,
@@ -55,9 +69,18 @@ def load_model(
 ) -> Model:
     """Find, describe and load a model; StartupError with one clear line when impossible.
 
+    `backend`: "onnx" (ONNX Runtime on CPU), "torch", or "auto": ONNX Runtime on CPU and
+    torch on CUDA, torch when ONNX Runtime cannot run the model (logged). `dtype` "int8"
+    is ONNX Runtime's dynamic quantization, only when asked. `threads`: intra-op threads
+    (default LOCALTEI_NUM_THREADS, else every core). `onnx_cache`: where exported ONNX
+    files are kept (default LOCALTEI_CACHE, else a folder under the Hugging Face cache).
     `max_input_length` caps the model's own limit (the server passes `--max-batch-tokens`).
     `found`: where the model is and what it is, when the caller has looked already.
     """
+    if backend not in BACKENDS:
+        raise StartupError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
+    if dtype is not None and dtype not in DTYPES:
+        raise StartupError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
     if found is None:
         location = find_model(model_id, revision, cache_dir)
         found = location, describe_model(location.path, pooling, model_id)
@@ -76,10 +99,51 @@ def load_model(
         )
         limit = max_input_length
     tokenizer = TextTokenizer.from_model_dir(location.path, limit, spec.prompts, default_prompt)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
-    module = _load_module(spec, DTYPES[dtype], device)
-    return Model(model_id, spec, module, tokenizer, device, dtype, location.sha)
+    threads = threads or default_num_threads()
+    cache = Path(onnx_cache) if onnx_cache is not None else default_cache_dir()
+    engine = _load_engine(spec, backend, device, dtype, threads, cache)
+    return Model(model_id, spec, engine, tokenizer, location.sha)
+
+
+def _load_engine(
+    spec: ModelSpec,
+    backend: str,
+    device: str | None,
+    dtype: str | None,
+    threads: int,
+    cache: Path,
+) -> Engine:
+    device = device or ("cuda" if backend != "onnx" and _cuda_available() else "cpu")
+    on_cuda = device.startswith("cuda")
+    if dtype == "float16" and not on_cuda:
+        raise StartupError("`--dtype float16` needs a CUDA GPU; on CPU use float32 (or int8)")
+    if dtype == "int8" and (on_cuda or backend == "torch"):
+        raise StartupError("`--dtype int8` is ONNX Runtime's quantization: CPU and onnx only")
+    if backend == "onnx" and (on_cuda or dtype == "bfloat16"):
+        what = "a CUDA device" if on_cuda else "bfloat16"
+        raise StartupError(f"`--backend onnx` runs float32 or int8 on CPU, not {what}")
+    use_onnx = backend == "onnx" or (backend == "auto" and not on_cuda and dtype != "bfloat16")
+    if use_onnx:
+        from localtei.onnx_engine import OnnxUnavailable, load_onnx_engine
+
+        try:
+            return load_onnx_engine(spec, dtype or "float32", threads, cache)
+        except OnnxUnavailable as exc:
+            if backend == "onnx" or dtype == "int8":
+                raise StartupError(f"ONNX Runtime cannot run the model: {exc}") from exc
+            log.warning("ONNX Runtime cannot run the model (%s): falling back to torch", exc)
+    from localtei.torch_engine import load_torch_engine
+
+    return load_torch_engine(spec, dtype, device, threads)
+
+
+def _cuda_available() -> bool:
+    # Without an NVIDIA driver there is no CUDA device: skip importing torch to find out.
+    if not Path("/proc/driver/nvidia").exists() and not Path("/dev/nvidiactl").exists():
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 class Model:
@@ -89,23 +153,29 @@ class Model:
         self,
         model_id: str,
         spec: ModelSpec,
-        module: torch.nn.Module,
+        engine: Engine,
         tokenizer: TextTokenizer,
-        device: str,
-        dtype: str,
         sha: str | None = None,
     ) -> None:
         self.model_id = model_id
         self.spec = spec
-        self.module = module
+        self.engine = engine
         self.tokenizer = tokenizer
-        self.device = torch.device(device)
-        self.dtype = dtype
         self.sha = sha
-        config = module.config
-        self.pad_id = int(getattr(config, "pad_token_id", None) or 0)
-        self.vocab_size = int(getattr(config, "vocab_size", 0) or 0)
-        self._takes_token_types = "token_type_ids" in inspect.signature(module.forward).parameters
+        self.pad_id = spec.pad_token_id
+        self.vocab_size = spec.vocab_size
+
+    @property
+    def backend(self) -> str:
+        return self.engine.name
+
+    @property
+    def device(self) -> str:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> str:
+        return self.engine.dtype
 
     @property
     def output_size(self) -> int:
@@ -129,12 +199,16 @@ class Model:
             raise BackendError("`normalize` is not available for SPLADE models")
 
     def run(self, jobs: Sequence[Job]) -> list[Any]:
-        """Results in job order: a vector, (indices, values), token vectors, or scores."""
+        """Results in job order: a vector (float32 array), (indices, values), token
+        vectors, or scores."""
         start = time.perf_counter_ns()
-        with torch.inference_mode():
-            lengths = [len(job.encoded.ids) for job in jobs]
-            output, mask = self._forward(jobs, lengths)
-            results = self._results(jobs, lengths, output, mask)
+        lengths = [job.tokens for job in jobs]
+        ids, mask, types = self._inputs(jobs, lengths)
+        tasks = {job.task for job in jobs}
+        hidden, pooled = self.engine.forward(
+            ids, mask, types, hidden=Task.ALL in tasks, pooled=bool(tasks - {Task.ALL})
+        )
+        results = self._results(jobs, lengths, hidden, pooled)
         elapsed = time.perf_counter_ns() - start
         for job in jobs:
             job.inference_ns = elapsed
@@ -145,54 +219,48 @@ class Model:
     ) -> np.ndarray:
         """Pooled embeddings of `texts` (truncated to the model's limit), shape (n, size)."""
         self.check(Task.POOLED, normalize)
-        vectors: list[list[float]] = []
+        vectors: list[np.ndarray] = []
         for i in range(0, len(texts), batch_size):
-            jobs = [
-                Job(self.tokenizer.encode(text, truncate=True), Task.POOLED, normalize)
-                for text in texts[i : i + batch_size]
-            ]
+            inputs = [TextInput(text, truncate=True) for text in texts[i : i + batch_size]]
+            jobs = []
+            for encoded in self.tokenizer.encode_many(inputs):
+                if isinstance(encoded, Exception):
+                    raise encoded
+                jobs.append(Job(encoded, Task.POOLED, normalize))
             vectors.extend(self.run(jobs))
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.output_size)
 
     def warm_up(self) -> None:
-        """One forward pass, so the first request does not pay for lazy initialisation."""
+        """Forward passes, so the first request does not pay for lazy initialisation."""
         task = Task.POOLED if self.spec.kind is ModelKind.EMBEDDING else Task.SCORES
-        self.run([Job(self.tokenizer.encode("Warming up the model."), task, normalize=False)])
+        encoded = self.tokenizer.encode("Warming up the model.")
+        self.run([Job(encoded, task, normalize=False)])
+        self.run([Job(encoded, task, normalize=False) for _ in range(4)])
 
-    def _forward(
+    def _inputs(
         self, jobs: Sequence[Job], lengths: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         width = max(lengths)
         ids = np.full((len(jobs), width), self.pad_id, dtype=np.int64)
         types = np.zeros((len(jobs), width), dtype=np.int64)
         mask = np.zeros((len(jobs), width), dtype=np.int64)
         for row, (job, length) in enumerate(zip(jobs, lengths, strict=True)):
+            assert job.encoded is not None
             ids[row, :length] = job.encoded.ids
             types[row, :length] = job.encoded.type_ids
             mask[row, :length] = 1
-        inputs = {
-            "input_ids": torch.from_numpy(ids).to(self.device),
-            "attention_mask": torch.from_numpy(mask).to(self.device),
-        }
-        if self._takes_token_types:
-            inputs["token_type_ids"] = torch.from_numpy(types).to(self.device)
-        out = self.module(**inputs)
-        if self.spec.kind is not ModelKind.EMBEDDING or self.spec.is_splade:
-            return out.logits.float(), inputs["attention_mask"]
-        return out.last_hidden_state.float(), inputs["attention_mask"]
+        return ids, mask, types
 
     def _results(
-        self, jobs: Sequence[Job], lengths: list[int], output: torch.Tensor, mask: torch.Tensor
+        self,
+        jobs: Sequence[Job],
+        lengths: list[int],
+        hidden: np.ndarray | None,
+        pooled: np.ndarray | None,
     ) -> list[Any]:
         if self.spec.kind is not ModelKind.EMBEDDING:
-            logits = output.cpu().numpy()
-            return [_scores(row, job.raw_scores) for row, job in zip(logits, jobs, strict=True)]
-        # Token vectors are copied out only when some job asks for them; same for pooling.
-        tasks = {job.task for job in jobs}
-        hidden = output.cpu().numpy() if Task.ALL in tasks else None
-        pooled = None
-        if tasks - {Task.ALL}:
-            pooled = _pool(output, mask, self.spec.pooling).cpu().numpy()
+            assert pooled is not None
+            return [_scores(row, job.raw_scores) for row, job in zip(pooled, jobs, strict=True)]
         results: list[Any] = []
         for row, (job, length) in enumerate(zip(jobs, lengths, strict=True)):
             if job.task is Task.ALL:
@@ -208,53 +276,18 @@ class Model:
         return results
 
 
-def _pool(output: torch.Tensor, mask: torch.Tensor, pooling: str | None) -> torch.Tensor:
-    if pooling == "splade":
-        # max over tokens of log(1 + relu(logits)), padding masked out; in place: it is big.
-        activated = output.relu_().log1p_().mul_(mask.unsqueeze(-1).to(output.dtype))
-        return activated.max(dim=1).values
-    if pooling == "mean":
-        weights = mask.unsqueeze(-1).to(output.dtype)
-        return (output * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-    if pooling == "last-token":
-        last = mask.sum(dim=1) - 1
-        return output[torch.arange(output.shape[0], device=output.device), last]
-    return output[:, 0]
-
-
-def _dense(vector: np.ndarray, normalize: bool, dimensions: int | None) -> list[float]:
+def _dense(vector: np.ndarray, normalize: bool, dimensions: int | None) -> np.ndarray:
     if dimensions is not None:
         vector = vector[:dimensions]
     if normalize:
         vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-    return vector.tolist()
+    return vector.astype(np.float32, copy=False)
 
 
 def _scores(logits: np.ndarray, raw_scores: bool) -> list[float]:
     if raw_scores:
-        return logits.tolist()
+        return logits.tolist()  # type: ignore[no-any-return]
     if logits.shape[0] == 1:
-        return (1.0 / (1.0 + np.exp(-logits))).tolist()
+        return (1.0 / (1.0 + np.exp(-logits))).tolist()  # type: ignore[no-any-return]
     shifted = np.exp(logits - logits.max())
-    return (shifted / shifted.sum()).tolist()
-
-
-def _load_module(spec: ModelSpec, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    if spec.kind is not ModelKind.EMBEDDING:
-        auto: Any = transformers.AutoModelForSequenceClassification
-    elif spec.is_splade:
-        auto = transformers.AutoModelForMaskedLM
-    else:
-        auto = transformers.AutoModel
-    try:
-        module = auto.from_pretrained(str(spec.path), dtype=dtype, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to load is one start-up error
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first_line = first_line.replace(str(spec.path), f"'{spec.name}'")
-        raise StartupError(f"model '{spec.name}' is not loadable: {first_line}") from exc
-    return module.to(device).eval()
+    return (shifted / shifted.sum()).tolist()  # type: ignore[no-any-return]

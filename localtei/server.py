@@ -23,10 +23,10 @@ from grpc_health.v1._async import HealthServicer
 
 from localtei.errors import StartupError
 from localtei.lookup import ModelLocation, find_model
-from localtei.settings import Settings
+from localtei.settings import Settings, core_count
 from localtei.spec import ModelSpec, describe_model
 
-if TYPE_CHECKING:  # both import torch: kept off the fast "model not found" path
+if TYPE_CHECKING:  # kept off the fast "model not found" path
     from localtei.model import Model
     from localtei.services import TeiService
 
@@ -78,6 +78,9 @@ async def _serve(settings: Settings) -> int:
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
         log.info("Signal received while loading the model: shutting down")
+        from localtei.onnx_export import cancel_exports
+
+        cancel_exports()
         await server.stop(0)
         return 0
     try:
@@ -90,9 +93,13 @@ async def _serve(settings: Settings) -> int:
     from localtei.services import served_services
 
     batcher = Batcher(
-        model.run, service.deliver, settings.max_batch_tokens, settings.max_batch_requests
+        model.run,
+        service.deliver,
+        min(settings.max_batch_tokens, model.engine.batch_tokens or settings.max_batch_tokens),
+        settings.max_batch_requests,
+        tokenize=model.tokenizer.encode_many,
+        tokenization_workers=settings.tokenization_workers or core_count(),
     )
-    batcher.start()
     service.attach(model, batcher)
     await health.set("", _SERVING)
     for name in served_services(model.spec.kind):
@@ -182,13 +189,13 @@ def _load_model(settings: Settings, location: ModelLocation, spec: ModelSpec) ->
 def _load_and_warm_up(settings: Settings, location: ModelLocation, spec: ModelSpec) -> Model:
     started = time.perf_counter()
     log.info("Starting model load")
-    threads = _configure_torch_threads()
     from localtei.model import load_model
 
     model = load_model(
         settings.model_id,
         settings.pooling,
         settings.dtype,
+        backend=settings.backend,
         default_prompt=settings.default_prompt,
         default_prompt_name=settings.default_prompt_name,
         # An input must fit in one batch.
@@ -197,29 +204,17 @@ def _load_and_warm_up(settings: Settings, location: ModelLocation, spec: ModelSp
     )
     model.warm_up()
     log.info(
-        "Model loaded in %.1fs: %s, %s, pooling %s, dtype %s, %d torch threads",
+        "Model loaded in %.1fs: %s, %s on %s, pooling %s, dtype %s, %d threads",
         time.perf_counter() - started,
         model.spec.kind.value,
+        model.backend,
         model.device,
         model.spec.pooling,
         model.dtype,
-        threads,
+        model.engine.threads,
     )
     log.info("Maximum number of tokens per request: %d", model.tokenizer.max_input_length)
     return model
-
-
-def _configure_torch_threads() -> int:
-    import torch
-
-    from localtei.model import default_num_threads
-
-    threads = default_num_threads()
-    torch.set_num_threads(threads)
-    # One forward pass at a time: no inter-op pool needed (fails if torch already used one).
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
-    return threads
 
 
 def listen_address(hostname: str) -> str:

@@ -1,7 +1,8 @@
-"""The `tei.v1` servicers: validate, tokenize, queue, await the batch, answer.
+"""The `tei.v1` servicers: validate, queue, await tokenization and the batch, answer.
 
-Every handler runs on the asyncio event loop; only the forward pass runs elsewhere (the
-batcher's thread), and its results come back through `deliver()`.
+Every handler runs on the asyncio event loop; tokenization and the forward pass run on
+the batcher's workers, and their results come back through `deliver()`. An Embed answer
+is built from the vector's bytes (see `packed_floats`), not from Python floats.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -29,9 +29,9 @@ from localtei.errors import (
 )
 from localtei.handlers import add_servicer
 from localtei.jobs import Job, Task
-from localtei.settings import Settings
+from localtei.settings import Settings, core_count
 from localtei.spec import ModelKind
-from localtei.tokenization import Encoded
+from localtei.tokenization import TextInput
 
 if TYPE_CHECKING:  # torch stays unimported until the server listens
     from localtei.model import Model
@@ -308,17 +308,19 @@ class TeiService(
         jobs, self._unsubmitted = self._unsubmitted, []
         self._batcher.submit(jobs)
 
-    def _encode(
+    def _input(
         self, text: str, pair: str | None, truncate: bool, direction: int, prompt: str | None
-    ) -> Encoded:
-        model = self._ready_model()
-        return model.tokenizer.encode(
-            text,
-            pair,
-            truncate=truncate or self.settings.auto_truncate,
-            left=direction == _LEFT,
-            prompt=prompt,
+    ) -> TextInput:
+        """What to tokenize (on a tokenizer worker); empty input is refused at once."""
+        if not text or (pair is not None and not pair):
+            raise ValidationError("`inputs` cannot be empty")
+        return TextInput(
+            text, pair, truncate or self.settings.auto_truncate, direction == _LEFT, prompt
         )
+
+    async def _on_tokenizer(self, function: Callable[..., Response], *args: Any) -> Response:
+        assert self._batcher is not None
+        return await asyncio.wrap_future(self._batcher.run_on_worker(function, *args))
 
     def _ready_model(self) -> Model:
         if self.model is None:
@@ -339,7 +341,7 @@ class TeiService(
             max_input_length=model.tokenizer.max_input_length,
             max_batch_tokens=settings.max_batch_tokens,
             max_client_batch_size=settings.max_client_batch_size,
-            tokenization_workers=settings.tokenization_workers or len(os.sched_getaffinity(0)),
+            tokenization_workers=settings.tokenization_workers or core_count(),
         )
         if settings.max_batch_requests is not None:
             response.max_batch_requests = settings.max_batch_requests
@@ -359,13 +361,14 @@ class TeiService(
                 f"dimensions. Given: {dimensions}"
             )
         prompt = model.tokenizer.prompt(_optional(request, "prompt_name"))
-        encoded = self._encode(
+        source = self._input(
             request.inputs, None, request.truncate, request.truncation_direction, prompt
         )
-        job = Job(encoded, Task.POOLED, normalize, dimensions)
-        tokenized = time.perf_counter_ns()
+        job = Job(None, Task.POOLED, normalize, dimensions, source=source)
         (vector,) = await self._infer([job])
-        return tei_pb2.EmbedResponse(embeddings=vector, metadata=_metadata(start, tokenized, [job]))
+        response = tei_pb2.EmbedResponse.FromString(packed_floats(vector))
+        response.metadata.CopyFrom(_metadata(start, [job]))
+        return response
 
     async def _embed_sparse(
         self, request: tei_pb2.EmbedSparseRequest
@@ -374,17 +377,16 @@ class TeiService(
         model = self._ready_model()
         model.check(Task.SPARSE)
         prompt = model.tokenizer.prompt(_optional(request, "prompt_name"))
-        encoded = self._encode(
+        source = self._input(
             request.inputs, None, request.truncate, request.truncation_direction, prompt
         )
-        job = Job(encoded, Task.SPARSE)
-        tokenized = time.perf_counter_ns()
+        job = Job(None, Task.SPARSE, source=source)
         ((indices, values),) = await self._infer([job])
         sparse = [
             tei_pb2.SparseValue(index=i, value=v) for i, v in zip(indices, values, strict=True)
         ]
         return tei_pb2.EmbedSparseResponse(
-            sparse_embeddings=sparse, metadata=_metadata(start, tokenized, [job])
+            sparse_embeddings=sparse, metadata=_metadata(start, [job])
         )
 
     async def _embed_all(self, request: tei_pb2.EmbedAllRequest) -> tei_pb2.EmbedAllResponse:
@@ -392,16 +394,13 @@ class TeiService(
         model = self._ready_model()
         model.check(Task.ALL)
         prompt = model.tokenizer.prompt(_optional(request, "prompt_name"))
-        encoded = self._encode(
+        source = self._input(
             request.inputs, None, request.truncate, request.truncation_direction, prompt
         )
-        job = Job(encoded, Task.ALL)
-        tokenized = time.perf_counter_ns()
+        job = Job(None, Task.ALL, source=source)
         (rows,) = await self._infer([job])
         tokens = [tei_pb2.TokenEmbedding(embeddings=row) for row in rows]
-        return tei_pb2.EmbedAllResponse(
-            token_embeddings=tokens, metadata=_metadata(start, tokenized, [job])
-        )
+        return tei_pb2.EmbedAllResponse(token_embeddings=tokens, metadata=_metadata(start, [job]))
 
     async def _predict(self, request: tei_pb2.PredictRequest) -> tei_pb2.PredictResponse:
         return await self._classify(
@@ -425,18 +424,14 @@ class TeiService(
         start = time.perf_counter_ns()
         model = self._ready_model()
         model.check(Task.SCORES)
-        job = Job(
-            self._encode(text, pair, truncate, direction, None), Task.SCORES, raw_scores=raw_scores
-        )
-        tokenized = time.perf_counter_ns()
+        source = self._input(text, pair, truncate, direction, None)
+        job = Job(None, Task.SCORES, raw_scores=raw_scores, source=source)
         (scores,) = await self._infer([job])
         ranked = sorted(
             zip(scores, model.spec.labels, strict=True), key=lambda p: p[0], reverse=True
         )
         predictions = [tei_pb2.Prediction(score=score, label=label) for score, label in ranked]
-        return tei_pb2.PredictResponse(
-            predictions=predictions, metadata=_metadata(start, tokenized, [job])
-        )
+        return tei_pb2.PredictResponse(predictions=predictions, metadata=_metadata(start, [job]))
 
     async def _rerank(self, request: tei_pb2.RerankRequest) -> tei_pb2.RerankResponse:
         start = time.perf_counter_ns()
@@ -449,20 +444,18 @@ class TeiService(
             raise ValidationError(f"batch size {len(texts)} > maximum allowed batch size {limit}")
         jobs = [
             Job(
-                self._encode(
-                    request.query, text, request.truncate, request.truncation_direction, None
-                ),
+                None,
                 Task.SCORES,
                 raw_scores=request.raw_scores,
+                source=self._input(
+                    request.query, text, request.truncate, request.truncation_direction, None
+                ),
             )
             for text in texts
         ]
-        tokenized = time.perf_counter_ns()
         results = await self._infer(jobs)
         scores = [result[0] for result in results]
-        return _rerank_response(
-            scores, texts if request.return_text else None, start, tokenized, jobs
-        )
+        return _rerank_response(scores, texts if request.return_text else None, start, jobs)
 
     async def _rerank_stream(self, requests: AsyncIterator[Any]) -> tei_pb2.RerankResponse:
         start = time.perf_counter_ns()
@@ -475,31 +468,25 @@ class TeiService(
             async for request in requests:
                 if first is None:
                     first = request
-                job = Job(
-                    self._encode(
-                        request.query,
-                        request.text,
-                        request.truncate,
-                        request.truncation_direction,
-                        None,
-                    ),
-                    Task.SCORES,
-                    raw_scores=first.raw_scores,
+                source = self._input(
+                    request.query,
+                    request.text,
+                    request.truncate,
+                    request.truncation_direction,
+                    None,
                 )
+                job = Job(None, Task.SCORES, raw_scores=first.raw_scores, source=source)
                 jobs.append(job)
                 texts.append(request.text)
                 waits.append(asyncio.create_task(self._infer([job])))
             if first is None:
                 raise ValidationError("`texts` cannot be empty")
-            tokenized = time.perf_counter_ns()
             results = await asyncio.gather(*waits)
         finally:
             for wait in waits:
                 wait.cancel()
         scores = [result[0][0] for result in results]
-        return _rerank_response(
-            scores, texts if first.return_text else None, start, tokenized, jobs
-        )
+        return _rerank_response(scores, texts if first.return_text else None, start, jobs)
 
     def _reranker(self) -> Model:
         model = self._ready_model()
@@ -513,7 +500,10 @@ class TeiService(
         tokenizer = self._ready_model().tokenizer
         prompt = tokenizer.prompt(_optional(request, "prompt_name"))
         tokens = []
-        for info in tokenizer.tokens(request.inputs, request.add_special_tokens, prompt):
+        infos = await self._on_tokenizer(
+            tokenizer.tokens, request.inputs, request.add_special_tokens, prompt
+        )
+        for info in infos:
             token = tei_pb2.SimpleToken(id=info.id, text=info.text, special=info.special)
             if info.start is not None and info.stop is not None:
                 token.start, token.stop = info.start, info.stop
@@ -523,21 +513,39 @@ class TeiService(
     async def _decode(self, request: tei_pb2.DecodeRequest) -> tei_pb2.DecodeResponse:
         metrics.TOKENIZE_COUNT.inc()
         tokenizer = self._ready_model().tokenizer
-        return tei_pb2.DecodeResponse(
-            text=tokenizer.decode(list(request.ids), request.skip_special_tokens)
+        text = await self._on_tokenizer(
+            tokenizer.decode, list(request.ids), request.skip_special_tokens
         )
+        return tei_pb2.DecodeResponse(text=text)
+
+
+def packed_floats(vector: Any) -> bytes:
+    """`repeated float embeddings = 1` of EmbedResponse, encoded from the float32 array
+    as protobuf does (tag, length, packed little-endian floats): parsing these bytes
+    costs a fraction of building the message from 384 Python floats."""
+    data = vector.astype("<f4", copy=False).tobytes()
+    size, length = len(data), bytearray()
+    while size > 0x7F:
+        length.append(size & 0x7F | 0x80)
+        size >>= 7
+    length.append(size)
+    return b"\x0a" + bytes(length) + data
 
 
 def _resolve(jobs: list[Job], results: list[Any] | BaseException) -> None:
-    """On the event loop: wake every handler waiting on this batch."""
+    """On the event loop: wake every handler waiting on these jobs."""
     for index, job in enumerate(jobs):
         future = job.handle
         if future.done():  # the caller went away
             continue
-        if isinstance(results, BaseException):
-            future.set_exception(BackendError(f"inference failed: {results}"))
-        else:
-            future.set_result(results[index])
+        result = results if isinstance(results, BaseException) else results[index]
+        if isinstance(result, ServingError):  # this input was refused (tokenization)
+            future.set_exception(result)
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(BackendError(f"inference failed: {result}"))
+            continue
+        future.set_result(result)
         if job.task is Task.SCORES:
             metrics.PREDICT_COUNT.inc()
         else:
@@ -556,17 +564,18 @@ def _optional(message: Any, field: str) -> str | None:
     return getattr(message, field) if message.HasField(field) else None
 
 
-def _metadata(start_ns: int, tokenized_ns: int, jobs: Sequence[Job]) -> tei_pb2.Metadata:
+def _metadata(start_ns: int, jobs: Sequence[Job]) -> tei_pb2.Metadata:
     """TEI's per-request timings; a multi-input request (rerank) sums its inputs' timings."""
+    tokenized_ns = max(job.tokenized_ns for job in jobs)
     queue_ns = sum(job.queue_ns for job in jobs)
     inference_ns = sum(job.inference_ns for job in jobs)
-    tokens = sum(len(job.encoded.ids) for job in jobs)
+    tokens = sum(job.tokens for job in jobs)
     metrics.TOKENIZATION_DURATION.observe((tokenized_ns - start_ns) / 1e9)
     metrics.QUEUE_DURATION.observe(queue_ns / 1e9)
     metrics.INFERENCE_DURATION.observe(inference_ns / 1e9)
     metrics.INPUT_LENGTH.observe(tokens)
     return tei_pb2.Metadata(
-        compute_chars=sum(job.encoded.chars for job in jobs),
+        compute_chars=sum(job.encoded.chars for job in jobs if job.encoded is not None),
         compute_tokens=tokens,
         total_time_ns=time.perf_counter_ns() - start_ns,
         tokenization_time_ns=tokenized_ns - start_ns,
@@ -579,7 +588,6 @@ def _rerank_response(
     scores: list[float],
     texts: list[str] | None,
     start_ns: int,
-    tokenized_ns: int,
     jobs: Sequence[Job],
 ) -> tei_pb2.RerankResponse:
     ranks = []
@@ -588,4 +596,4 @@ def _rerank_response(
         if texts is not None:
             rank.text = texts[index]
         ranks.append(rank)
-    return tei_pb2.RerankResponse(ranks=ranks, metadata=_metadata(start_ns, tokenized_ns, jobs))
+    return tei_pb2.RerankResponse(ranks=ranks, metadata=_metadata(start_ns, jobs))

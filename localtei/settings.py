@@ -1,8 +1,13 @@
-"""The server's settings, as parsed from text-embeddings-router's flags."""
+"""The server's settings, as parsed from text-embeddings-router's flags, and the knobs
+localtei reads from its environment (LOCALTEI_NUM_THREADS, LOCALTEI_CACHE)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+BACKENDS = ("auto", "onnx", "torch")
 
 
 @dataclass(frozen=True)
@@ -26,3 +31,25 @@ class Settings:
     huggingface_hub_cache: str | None = None
     api_key: str | None = None
     payload_limit: int = 2_000_000
+    backend: str = "auto"
+
+
+def core_count() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def default_num_threads() -> int:
+    """Intra-op threads for the forward pass: LOCALTEI_NUM_THREADS, else every core (as TEI)."""
+    configured = int(os.environ.get("LOCALTEI_NUM_THREADS") or 0)
+    return configured or core_count()
+
+
+def default_cache_dir() -> Path:
+    """Where exported ONNX models are kept: LOCALTEI_CACHE, else `localtei` in HF_HOME."""
+    configured = os.environ.get("LOCALTEI_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "localtei"

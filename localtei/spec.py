@@ -46,6 +46,8 @@ class ModelSpec:
     prompts: dict[str, str] = field(default_factory=dict)
     architectures: list[str] = field(default_factory=list)
     name: str = ""  # how messages name the model: its id, never the host's path
+    vocab_size: int = 0
+    pad_token_id: int = 0
 
     @property
     def is_splade(self) -> bool:
@@ -85,6 +87,8 @@ def describe_model(path: Path, pooling: str | None = None, name: str | None = No
         prompts=_prompts(path),
         architectures=architectures,
         name=name,
+        vocab_size=int(config.get("vocab_size") or 0),
+        pad_token_id=int(config.get("pad_token_id") or 0),
     )
 
 

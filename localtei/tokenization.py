@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer
 
-from localtei.errors import StartupError, TokenizerError, ValidationError
+from localtei.errors import ServingError, StartupError, TokenizerError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,17 @@ class Encoded:
     ids: list[int]
     type_ids: list[int]
     chars: int
+
+
+@dataclass(frozen=True, slots=True)
+class TextInput:
+    """A text (or a text pair) to tokenize, with the request's truncation and prompt."""
+
+    text: str
+    pair: str | None = None
+    truncate: bool = False
+    left: bool = False  # truncate from the left
+    prompt: str | None = None
 
 
 @dataclass(slots=True)
@@ -76,6 +88,46 @@ class TextTokenizer:
                 f"config_sentence_transformers.json prompts (available: {available})"
             ) from None
 
+    def encode_many(self, inputs: Sequence[TextInput]) -> list[Encoded | ServingError]:
+        """Tokenize many inputs in one call into the Rust tokenizer, which releases the GIL
+        while it works; each input gets its `Encoded` or the error `encode` would raise."""
+        results: list[Encoded | ServingError | None] = [None] * len(inputs)
+        by_tokenizer: dict[int, list[int]] = {}
+        for index, item in enumerate(inputs):
+            if not item.text or (item.pair is not None and not item.pair):
+                results[index] = ValidationError("`inputs` cannot be empty")
+                continue
+            tokenizer = self._tokenizer_for(item.truncate, item.left)
+            by_tokenizer.setdefault(id(tokenizer), []).append(index)
+        for indices in by_tokenizer.values():
+            first = inputs[indices[0]]
+            tokenizer = self._tokenizer_for(first.truncate, first.left)
+            texts = [_full_text(inputs[i]) for i in indices]
+            batch = [
+                text if inputs[i].pair is None else (text, inputs[i].pair)
+                for i, text in zip(indices, texts, strict=True)
+            ]
+            try:
+                encodings = tokenizer.encode_batch(batch, add_special_tokens=True)
+            except Exception:  # noqa: BLE001 - one bad input: find it by encoding each alone
+                for i in indices:
+                    item = inputs[i]
+                    try:
+                        results[i] = self.encode(
+                            item.text,
+                            item.pair,
+                            truncate=item.truncate,
+                            left=item.left,
+                            prompt=item.prompt,
+                        )
+                    except ServingError as err:
+                        results[i] = err
+                continue
+            for i, text, encoding in zip(indices, texts, encodings, strict=True):
+                pair = inputs[i].pair
+                results[i] = self._checked(encoding, len(text) + (len(pair) if pair else 0))
+        return results  # type: ignore[return-value]
+
     def encode(
         self,
         text: str,
@@ -90,17 +142,25 @@ class TextTokenizer:
             raise ValidationError("`inputs` cannot be empty")
         if prompt:
             text = prompt + text
-        tokenizer = (self._left if left else self._right) if truncate else self._plain
+        tokenizer = self._tokenizer_for(truncate, left)
         try:
             encoding = tokenizer.encode(text, pair, add_special_tokens=True)
         except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception
             raise TokenizerError(f"tokenizer error: {exc}") from exc
+        result = self._checked(encoding, len(text) + (len(pair) if pair is not None else 0))
+        if isinstance(result, ServingError):
+            raise result
+        return result
+
+    def _tokenizer_for(self, truncate: bool, left: bool) -> Tokenizer:
+        return (self._left if left else self._right) if truncate else self._plain
+
+    def _checked(self, encoding: Encoding, chars: int) -> Encoded | ServingError:
         ids = encoding.ids
         if len(ids) > self.max_input_length:
-            raise ValidationError(
+            return ValidationError(
                 f"`inputs` must have less than {self.max_input_length} tokens. Given: {len(ids)}"
             )
-        chars = len(text) + (len(pair) if pair is not None else 0)
         return Encoded(ids, encoding.type_ids, chars)
 
     def tokens(self, text: str, add_special_tokens: bool, prompt: str | None) -> list[TokenInfo]:
@@ -118,6 +178,10 @@ class TextTokenizer:
             return self._plain.decode(ids, skip_special_tokens=skip_special_tokens)
         except Exception as exc:  # noqa: BLE001
             raise TokenizerError(f"tokenizer error: {exc}") from exc
+
+
+def _full_text(item: TextInput) -> str:
+    return item.prompt + item.text if item.prompt else item.text
 
 
 def _token_infos(text: str, encoding: Encoding) -> list[TokenInfo]:

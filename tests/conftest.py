@@ -91,16 +91,23 @@ TEST_ENV = {
     "CELERY_TASK_DEFAULT_QUEUE": TEST_DEFAULT_QUEUE,
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
-    # One torch thread per instance: steadier than one per core on a loaded 2-core runner.
+    # One intra-op thread per instance: steadier than one per core on a loaded 2-core runner.
     "LOCALTEI_NUM_THREADS": "1",
     # A `runmultiplexer` under test serves HTTP only where it asks for a free --http-port.
     "TEI_MANAGER_HTTP_ENABLED": "false",
+    # Every localtei of the session shares one ONNX cache: each model is exported once.
+    "LOCALTEI_CACHE": str(SESSION_DIR / "localtei-cache"),
     "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "proto")]),
 }
 
 
 def _isolate() -> None:
-    for key in ("TEI_MANAGER_STATE_FILE", "TEI_MANAGER_LOG_DIR", "TEI_MANAGER_CONFIG"):
+    for key in (
+        "TEI_MANAGER_STATE_FILE",
+        "TEI_MANAGER_LOG_DIR",
+        "TEI_MANAGER_CONFIG",
+        "LOCALTEI_CACHE",
+    ):
         os.environ[key] = TEST_ENV[key]
     os.environ.pop("TEI_BINARY_PATH", None)
     settings.TEI = load_config(env=TEST_ENV)
@@ -150,6 +157,9 @@ class Worker(CeleryWorker):
 
 @pytest.fixture(scope="session")
 def _session_worker(django_db_setup: None, django_db_blocker: Any) -> Iterator[Worker]:
+    from tests.localtei_fixtures import MINILM_ID, prepare_onnx
+
+    prepare_onnx(MINILM_ID)  # exported once, before any instance's start-up timeout runs
     worker = Worker(TEST_NODE, {}, "session").start()
     yield worker
     with django_db_blocker.unblock():

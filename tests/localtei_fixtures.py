@@ -9,6 +9,9 @@ built at test time, and every server runs with HF_HUB_OFFLINE=1.
   ports, waits until grpc.health says SERVING, yields a `LocalTEI` (`.port`, `.address`,
   `.proc`, `.channel()`, `.log_text()`, `.health_seen`), stops it with SIGTERM on exit
   and fails unless it exits 0. `launch_localtei(...)` starts one without waiting.
+- `prepare_onnx(model_id, *args)`: export the model into the session's ONNX cache (once;
+  `launch_localtei` does it first unless told not to), so that no server pays for an
+  export inside its start-up timeout.
 - `build_tiny_models(directory)`: tiny random BERTs in HF format (with the MiniLM
   tokenizer, so ids match it): `.splade` (BertForMaskedLM, serve with `--pooling splade`),
   `.classifier` (3 labels), `.reranker` (1 label). `build_tiny_model(kind, directory)`
@@ -64,13 +67,16 @@ def minilm_path() -> Path:
 
 
 def localtei_env(**extra: str) -> dict[str, str]:
-    """The environment a test server runs with: offline, one torch thread, repo importable."""
+    """The environment a test server runs with: offline, one intra-op thread, the session's
+    ONNX cache (tests/conftest.py sets LOCALTEI_CACHE), repo importable."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         # Several servers and the tests share two cores: one thread each keeps them civil.
         LOCALTEI_NUM_THREADS=os.environ.get("LOCALTEI_TEST_NUM_THREADS", "1"),
+        # One cache for every server of the session: each model is exported once.
+        LOCALTEI_CACHE=os.environ.get("LOCALTEI_CACHE", ""),
         PYTHONPATH=os.pathsep.join(
             [str(REPO_ROOT), str(REPO_ROOT / "proto"), os.environ.get("PYTHONPATH", "")]
         ),
@@ -130,14 +136,44 @@ class LocalTEI:
         return self.proc.returncode
 
 
+def prepare_onnx(model_id: str | Path, *args: str, env: dict[str, str] | None = None) -> None:
+    """Export the model (served with these flags) into the ONNX cache of `env`, unless it
+    will run on torch, ships its own ONNX file, or cannot be exported (the server says so)."""
+    cache = (env or localtei_env()).get("LOCALTEI_CACHE")
+    if not cache:
+        return
+    from localtei.cli import parse_args
+    from localtei.errors import StartupError
+    from localtei.lookup import find_model
+    from localtei.onnx_export import ExportError, cached_export, head_of
+    from localtei.spec import describe_model
+
+    settings = parse_args(["--model-id", str(model_id), *args])
+    if settings.backend == "torch" or settings.dtype in ("float16", "bfloat16"):
+        return
+    try:
+        location = find_model(settings.model_id, settings.revision, settings.huggingface_hub_cache)
+        spec = describe_model(location.path, settings.pooling)
+        if not (spec.path / "onnx" / "model.onnx").is_file():
+            cached_export(spec, head_of(spec), Path(cache))
+    except (StartupError, ExportError):
+        return
+
+
 def launch_localtei(
     model_id: str | Path,
     *args: str,
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
+    prepare: bool = True,
 ) -> LocalTEI:
-    """Start a server on free ports (127.0.0.1) without waiting for it."""
+    """Start a server on free ports (127.0.0.1) without waiting for it (after
+    `prepare_onnx`, unless `prepare` is false)."""
+    if prepare:
+        prepare_onnx(model_id, *args, env=env)
     port, prometheus_port = free_port(), free_port()
+    while prometheus_port == port:  # the kernel may hand the same free port out twice
+        prometheus_port = free_port()
     if log_path is None:
         log_path = Path(tempfile.mkdtemp(prefix="localtei-test-")) / "localtei.log"
     command = [

@@ -70,7 +70,8 @@ def test_it_fails_the_start_when_the_directory_holds_no_model(tmp_path: Path) ->
 
 def test_it_exits_0_on_sigterm_even_while_loading_the_model(tmp_path: Path) -> None:
     # Every server started with start_localtei() is also checked to exit 0 once Ready.
-    server = launch_localtei(MINILM_ID, log_path=tmp_path / "localtei.log")
+    # torch takes seconds to import: a load long enough to be caught in the act.
+    server = launch_localtei(MINILM_ID, "--backend", "torch", log_path=tmp_path / "localtei.log")
     try:
         deadline = time.monotonic() + 60
         while "NOT_SERVING" not in server.health_seen and time.monotonic() < deadline:

@@ -326,7 +326,9 @@ def test_health_went_from_not_serving_to_serving_per_service(
     server: LocalTEI, channel: grpc.Channel
 ) -> None:
     seen = [s for s in server.health_seen if s != "UNAVAILABLE"]  # before the port opened
-    assert seen == ["NOT_SERVING", "SERVING"]
+    # A model loaded from the ONNX cache can be SERVING before the first poll sees
+    # NOT_SERVING (test_localtei_cli waits for that phase with a slower load).
+    assert seen in (["NOT_SERVING", "SERVING"], ["SERVING"])
     stub = health_pb2_grpc.HealthStub(channel)
 
     def status(service: str) -> str:
