@@ -23,6 +23,7 @@ from multiplexer.routing import Route, Router, RoutingTable
 log = logging.getLogger(__name__)
 
 HEARTBEAT_NAME = "multiplexer"
+HEARTBEAT_INTERVAL_SECS = 5.0
 
 
 def load_routing_table() -> RoutingTable:
@@ -71,7 +72,7 @@ class RoutingRefresher:
         self,
         router: Router,
         interval: float = 0.5,
-        heartbeat_interval: float = 5.0,
+        heartbeat_interval: float | None = HEARTBEAT_INTERVAL_SECS,  # None: write none
         on_change: Callable[[RoutingTable], None] | None = None,
     ) -> None:
         self.router = router
@@ -99,7 +100,7 @@ class RoutingRefresher:
         """Reload the table; True when it changed."""
         try:
             table = load_routing_table()
-            if time.monotonic() >= self._next_heartbeat:
+            if self.heartbeat_interval is not None and time.monotonic() >= self._next_heartbeat:
                 record_heartbeat()
                 self._next_heartbeat = time.monotonic() + self.heartbeat_interval
         except Exception as exc:

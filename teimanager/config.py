@@ -127,6 +127,10 @@ class Config:
         2048, "TEI_MANAGER_MAX_CLIENT_BATCH_SIZE", check=_at_least_one
     )
     queue_size: int = setting(1024, "TEI_MANAGER_QUEUE_SIZE")  # 0: refuse when all are busy
+    # Server processes of the multiplexer, sharing its ports (runmultiplexer --processes).
+    multiplexer_processes: int = setting(
+        1, "TEI_MANAGER_MULTIPLEXER_PROCESSES", check=_at_least_one
+    )
     # -- in the TOML file only ---------------------------------------------------------
     startup_timeout_secs: int = setting(300)
     max_failures_before_restart: int = setting(3)
