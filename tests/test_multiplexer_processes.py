@@ -360,37 +360,45 @@ def test_two_processes_share_the_ports_and_the_metrics_port_sums_them(
 def test_sigterm_lets_every_process_finish_its_calls_and_leaves_none(
     row: None, start: Callable[..., Multiplexer], tmp_path: Path
 ) -> None:
-    multiplexer, used = two_processes(start, tmp_path, grace="30")
+    multiplexer, used = two_processes(start, tmp_path, grace="60")
     pids = multiplexer.pids()
     with grpc.insecure_channel(f"127.0.0.1:{used['grpc']}") as channel:
         stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
         answered: list[Any] = []
-        in_flight = threading.Event()
+        paused, resume = threading.Event(), threading.Event()
 
         def requests() -> Iterator[mux.EmbedRequest]:
-            for i in range(30):
+            for i in range(20):
                 if i == 5:
-                    in_flight.set()
-                text = " ".join(["long"] * 200) + str(i)
+                    paused.set()
+                    resume.wait(60)
                 yield mux.EmbedRequest(
                     target=mux.Target(instance_name="minilm"),
-                    request=tei_pb2.EmbedRequest(inputs=text),
+                    request=tei_pb2.EmbedRequest(inputs=f"text {i}"),
                 )
 
         streamer = threading.Thread(
             target=lambda: answered.extend(stub.EmbedStream(requests(), timeout=120))
         )
         streamer.start()
-        assert in_flight.wait(60)
+        assert paused.wait(60)
         multiplexer.process.send_signal(signal.SIGTERM)
+        try:
+            # Every process stops listening at once, and keeps the stream it serves.
+            wait_until(lambda: refused(used["grpc"]) and refused(used["http"]), 30, "refusal")
+        finally:
+            resume.set()
         streamer.join(120)
-        assert len(answered) == 30
+        assert len(answered) == 20
     assert multiplexer.finish() == 0
     assert "finishing in-flight calls" in multiplexer.output
     assert multiplexer.output.rstrip().endswith("Done.")
     assert all(gone(pid) for pid in pids)
+
+
+def refused(port: int) -> bool:
     with socket.socket() as probe:
-        assert probe.connect_ex(("127.0.0.1", used["grpc"])) != 0
+        return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 @pytest.mark.django_db(transaction=True)
