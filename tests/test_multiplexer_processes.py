@@ -143,6 +143,68 @@ def test_several_processes_need_a_metrics_directory(settings: Any) -> None:
         call_command("runmultiplexer", "--processes", "0")
 
 
+# The supervisor alone, in a process of its own (it forks only a process of one thread) ------
+
+SUPERVISOR_SCRIPT = """
+import os, signal, sys, time
+import django
+
+django.setup()
+from multiplexer.options import ServerOptions
+from multiplexer.processes import StartError, Supervisor
+
+mode = sys.argv[1]
+
+
+def serve(options, link):
+    if mode == "fail" and not options.heartbeat:  # the second process
+        raise StartError("the second process cannot start")
+    link.ready("none")
+    if mode == "fail":
+        time.sleep(3600)  # until SIGTERM
+
+
+supervisor = Supervisor(serve, 2, ServerOptions(host="127.0.0.1", port=0), out=print)
+try:
+    supervisor.start()
+except StartError as exc:
+    print("failed:", exc)
+else:
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    signal.alarm(4)
+    supervisor.run()
+    supervisor.stop(1.0)
+print("pids:", " ".join(map(str, supervisor.pids_seen)), flush=True)
+"""
+
+
+def run_supervisor(mode: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", SUPERVISOR_SCRIPT, mode],
+        cwd=ROOT,
+        env={**os.environ, **TEST_ENV},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_a_process_that_cannot_start_stops_them_all_with_its_reason() -> None:
+    output = run_supervisor("fail")
+    assert "failed: the second process cannot start" in output
+    pids = [int(pid) for pid in output.split("pids:")[1].split()]
+    assert len(pids) == 2 and all(gone(pid) for pid in pids)
+
+
+def test_a_process_that_keeps_dying_young_is_restarted_ever_later() -> None:
+    output = run_supervisor("exit")
+    assert "exited with status 0; starting another in 1 s." in output
+    assert "exited with status 0; starting another in 2 s." in output, output
+    assert all(gone(int(pid)) for pid in output.split("pids:")[1].split())
+
+
 # Real processes ----------------------------------------------------------------------------
 
 

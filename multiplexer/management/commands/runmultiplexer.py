@@ -149,11 +149,17 @@ class Command(BaseCommand):
         except StartError as exc:
             raise CommandError(str(exc)) from None
         claimed = supervisor.options
-        self.stdout.write(
-            self.running(
-                claimed, claimed.port, claimed.http_port, supervisor.loop_kind, metrics_port, pids
+        if not supervisor.stopping:  # a signal may have come while they started
+            self.stdout.write(
+                self.running(
+                    claimed,
+                    claimed.port,
+                    claimed.http_port,
+                    supervisor.loop_kind,
+                    metrics_port,
+                    pids,
+                )
             )
-        )
         supervisor.run()
         self.stdout.write(f"Stopping: finishing in-flight calls (up to {self.grace:g} s)…")
         supervisor.stop(self.grace)
