@@ -236,18 +236,19 @@ class Supervisor:
             raise StartError(self.failure)
 
     def _read_pipe(self, fd: int) -> None:
-        process = next((p for p in self.processes.values() if p.pipe == fd), None)
+        """A process's one message (or the end of its pipe): then the pipe is done."""
         message = os.read(fd, 65536).decode(errors="replace").strip()
+        self._selector.unregister(fd)
+        os.close(fd)
+        process = next((p for p in self.processes.values() if p.pipe == fd), None)
         if process is None:
             return
+        process.pipe = None
         if message.startswith("ready"):
             process.ready = True
             self.loop_kind = message.removeprefix("ready").strip()
         elif message.startswith("error"):
             process.error = message.removeprefix("error").strip()
-        self._selector.unregister(fd)
-        os.close(fd)
-        process.pipe = None
 
     def _reap(self) -> None:
         for process in list(self.processes.values()):
@@ -267,7 +268,7 @@ class Supervisor:
             mark_process_dead(process.pid, self.metrics_dir)
         if self.stopping:
             return
-        if process.error or not self.started:
+        if process.error or not (process.ready or self.started):
             # It could not start (a port another program took, a certificate gone): so
             # would the next one.
             self.failure = process.error or (
