@@ -326,6 +326,8 @@ class Supervisor:
                 pass
 
     def _close(self) -> None:
+        if self._wake_read.fileno() == -1:
+            return  # closed already
         if self._old_handlers:
             signal.set_wakeup_fd(self._old_wakeup_fd)
             for signum, handler in self._old_handlers.items():
