@@ -421,10 +421,16 @@ def render(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
             b["calls_per_sec"] / a["calls_per_sec"]
             for a, b in zip(paths["1 process"], paths["2 processes"], strict=True)
         ]
+        per_call = med(paths["1 process"], "multiplexer_us")
+        others = statistics.median(w["others_cores"] for ws in paths.values() for w in ws)
         lines += [
             "",
             f"Scaling, 2 processes against 1: {two / one:.2f}× (per round: "
             f"{min(ratios):.2f}–{max(ratios):.2f}).",
+            f"At {per_call:.0f} µs of multiplexer CPU per call, one process forwards at most "
+            f"{1e6 / per_call:.0f} calls/s on a core of its own; N processes, N times that on N "
+            f"free cores. Other work took a median of {others:.2f} of the "
+            f"{len(os.sched_getaffinity(0))} cores during these windows.",
             "",
         ]
     return "\n".join(lines)
