@@ -10,13 +10,8 @@ process then builds its own server, routing table and refresher; the first one (
 also writes the `multiplexer` heartbeat, since one sign of life is enough and its parent
 replaces it within seconds when it dies.
 
-Sharing the ports. Each process binds the gRPC and HTTP ports with SO_REUSEPORT, and the
-kernel spreads connections over them. SO_REUSEPORT would also let a second multiplexer of
-the same user join them silently, and take half the connections. So the parent first binds
-each port itself without SO_REUSEPORT, which fails while anything listens there, and holds
-a startup lock per port until its processes listen, so two multiplexers starting at the same
-moment cannot both pass that test. The lock is an abstract Unix socket: like a port, its
-name belongs to the network namespace, and the kernel frees it when its holder dies.
+Sharing the ports: multiplexer/ports.py. Each process binds them with SO_REUSEPORT; the
+parent first proves them free, under a startup lock.
 
 Metrics. The processes write their series to PROMETHEUS_MULTIPROC_DIR; the parent serves
 the sum over the files of its processes (the running ones and those that died: their
@@ -33,7 +28,6 @@ grace period, and is killed if it has not exited some seconds after it.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import selectors
 import signal
@@ -55,9 +49,9 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from multiplexer.options import ServerOptions
+from multiplexer.ports import PortTaken, claim_ports, startup_lock
 
 START_TIMEOUT_SECS = 60.0
-LOCK_TIMEOUT_SECS = 30.0
 STOP_MARGIN_SECS = 5.0  # past the grace period, before SIGKILL
 YOUNG_SECS = 10.0  # a process that dies younger than this is restarted after a back-off
 MAX_BACKOFF_SECS = 30.0
@@ -150,8 +144,11 @@ class Supervisor:
             ports = [self.options.port]
             if self.options.http_port is not None:
                 ports.append(self.options.http_port)
-            self._locks = startup_lock(ports, on_wait=self.out)
-            self.options = claim_ports(self.options)
+            try:
+                self._locks = startup_lock(ports, on_wait=self.out)
+                self.options = claim_ports(self.options)
+            except PortTaken as exc:
+                raise StartError(str(exc)) from None
             if self.metrics_port:
                 self._metrics = metrics_server(
                     self.options.host, self.metrics_port, ProcessMetrics(self)
@@ -378,82 +375,6 @@ class Supervisor:
         self._selector.close()
         self._wake_read.close()
         self._wake_write.close()
-
-
-# Ports -------------------------------------------------------------------------------
-
-
-def startup_lock(
-    ports: Iterable[int],
-    timeout: float = LOCK_TIMEOUT_SECS,
-    on_wait: Callable[[str], None] | None = None,
-) -> list[socket.socket]:
-    """Hold the startup lock of each port (0, any free port, needs none); close the
-    sockets to release. Waits up to `timeout` for another multiplexer's start."""
-    held: list[socket.socket] = []
-    try:
-        for port in sorted({p for p in ports if p}):  # one order: no deadlock between two
-            held.append(_lock(port, timeout, on_wait))
-    except BaseException:
-        for sock in held:
-            sock.close()
-        raise
-    return held
-
-
-def _lock(port: int, timeout: float, on_wait: Callable[[str], None] | None) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    deadline = time.monotonic() + timeout
-    waited = False
-    while True:
-        try:
-            sock.bind(lock_name(port))
-            return sock
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                sock.close()
-                raise
-        if time.monotonic() > deadline:
-            sock.close()
-            raise StartError(
-                f"another multiplexer has been starting on port {port} for {timeout:g} s"
-            )
-        if not waited and on_wait is not None:
-            on_wait(f"Waiting for another multiplexer that is starting on port {port}…")
-        waited = True
-        time.sleep(0.1)
-
-
-def lock_name(port: int) -> str:
-    return f"\0tei-manager-multiplexer-port-{port}"
-
-
-def claim_ports(options: ServerOptions) -> ServerOptions:
-    """Prove that nothing listens on the gRPC and HTTP ports, by binding each without
-    SO_REUSEPORT, and pick the free port for a port 0. Raises StartError naming the port."""
-    port = probe(options.host, options.port, "gRPC, TEI_MANAGER_GRPC_PORT")
-    http_port = options.http_port
-    if http_port is not None:
-        http_port = probe(options.host, http_port, "HTTP, TEI_MANAGER_HTTP_PORT")
-    return replace(options, port=port, http_port=http_port, reuse_port=True)
-
-
-def probe(host: str, port: int, what: str) -> int:
-    """Bind host:port as a lone listener would (SO_REUSEADDR, as grpcio and aiohttp set it,
-    so that a connection in TIME_WAIT does not count); return the port bound."""
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise StartError(f"cannot listen on {host}:{port} ({what}): {exc}") from None
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((*address[:1], port, *address[2:]))
-            except OSError as exc:
-                raise StartError(f"cannot listen on {host}:{port} ({what}): {exc}") from None
-            port = sock.getsockname()[1]  # a port 0 becomes the port every process binds
-    return port
 
 
 def ensure_one_thread() -> None:

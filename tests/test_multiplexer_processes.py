@@ -3,14 +3,11 @@
 Real processes: `manage.py runmultiplexer --processes 2` in front of a real localtei
 (all-MiniLM-L6-v2). Which process served a call is read from its own metrics file in
 PROMETHEUS_MULTIPROC_DIR; the kernel spreads connections, so each call opens its own.
-The steps of the supervisor that need no process (port checks, shares, the heartbeat
-writer) are tested in-process first.
+The parts that need no server are in tests/test_multiplexer_supervisor.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 import os
 import re
@@ -27,185 +24,21 @@ from typing import Any
 
 import grpc
 import pytest
-from django.core.management import CommandError, call_command
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from tei.v1 import tei_pb2
 from tei_multiplexer.v1 import multiplexer_pb2 as mux
 from tei_multiplexer.v1 import multiplexer_pb2_grpc
 
-from multiplexer.options import ServerOptions
-from multiplexer.processes import (
-    StartError,
-    claim_ports,
-    ensure_one_thread,
-    process_files,
-    startup_lock,
-)
-from multiplexer.refresher import RoutingRefresher
-from multiplexer.routing import Route, Router, RoutingTable
-from multiplexer.wire import Target
-from teimanager.config import ConfigError, load_config
+from multiplexer.ports import startup_lock
+from multiplexer.processes import process_files
 from tests.conftest import ROOT, TEST_ENV
 from tests.localtei_fixtures import MINILM_ID, LocalTEI, free_port, start_localtei
+from tests.test_multiplexer_supervisor import gone, reuse_port_listener
 
 NODE = "multiplexer-processes-tests"
 REQUESTS = "tei_manager_multiplexer_requests_total"
 HTTP_REQUESTS = "tei_manager_multiplexer_http_requests_total"
-
-
-# Without a process -------------------------------------------------------------------------
-
-
-def reuse_port_listener(port: int) -> socket.socket:
-    """A listener like one of another multiplexer's processes: SO_REUSEPORT on."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen()
-    return sock
-
-
-def test_claiming_a_port_fails_where_a_reuse_port_group_listens() -> None:
-    port = free_port()
-    with reuse_port_listener(port):
-        with pytest.raises(StartError, match=rf"127\.0\.0\.1:{port} \(gRPC"):
-            claim_ports(ServerOptions(host="127.0.0.1", port=port))
-        with pytest.raises(StartError, match=rf"127\.0\.0\.1:{port} \(HTTP"):
-            claim_ports(ServerOptions(host="127.0.0.1", port=free_port(), http_port=port))
-
-
-def test_claiming_picks_the_port_every_process_binds_for_port_zero() -> None:
-    claimed = claim_ports(ServerOptions(host="127.0.0.1", port=0, http_port=0))
-    assert claimed.port > 0 and claimed.http_port is not None and claimed.http_port > 0
-    assert claimed.reuse_port
-
-
-def test_the_startup_lock_is_held_until_released() -> None:
-    port = free_port()
-    held = startup_lock([port])
-    with pytest.raises(StartError, match=f"another multiplexer has been starting on port {port}"):
-        startup_lock([port], timeout=0.3)
-    for sock in held:
-        sock.close()
-    for sock in startup_lock([port], timeout=0.3):
-        sock.close()
-
-
-def test_it_refuses_to_fork_a_process_that_runs_threads() -> None:
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait, name="busy")
-    thread.start()
-    try:
-        with pytest.raises(StartError, match="cannot fork"):
-            ensure_one_thread()
-    finally:
-        stop.set()
-        thread.join()
-
-
-def test_each_process_admits_its_share_of_an_instance_s_limit_and_queue() -> None:
-    async def gate_of(limit: int, queue_size: int, processes: int) -> tuple[int, int]:
-        table = RoutingTable.build([Route("one", "m", "127.0.0.1:1", "running", limit)])
-        router = Router(table, queue_size=queue_size, processes=processes)
-        route = await router.acquire(Target(instance_name="one"), 1)
-        gate = router.gates["one"]
-        router.release(route)
-        return gate.limit, gate.queue_size
-
-    assert asyncio.run(gate_of(512, 1024, 1)) == (512, 1024)
-    assert asyncio.run(gate_of(512, 1024, 3)) == (170, 342)  # 3 x 170 <= 512
-    assert asyncio.run(gate_of(1, 0, 4)) == (1, 0)
-
-
-@pytest.mark.django_db
-def test_a_refresher_without_a_heartbeat_writes_none() -> None:
-    from instances.models import Heartbeat
-
-    RoutingRefresher(Router(), heartbeat_interval=None).refresh_once()
-    assert not Heartbeat.objects.filter(name="multiplexer").exists()
-    RoutingRefresher(Router()).refresh_once()
-    assert Heartbeat.objects.filter(name="multiplexer").exists()
-
-
-def test_processes_is_a_setting() -> None:
-    assert load_config(env={"TEI_MANAGER_MULTIPLEXER_PROCESSES": "4"}).multiplexer_processes == 4
-    with pytest.raises(ConfigError, match="TEI_MANAGER_MULTIPLEXER_PROCESSES"):
-        load_config(env={"TEI_MANAGER_MULTIPLEXER_PROCESSES": "0"})
-
-
-def test_several_processes_need_a_metrics_directory(settings: Any) -> None:
-    settings.TEI = dataclasses.replace(settings.TEI, prometheus_multiproc_dir="")
-    with pytest.raises(CommandError, match="--processes 2 needs PROMETHEUS_MULTIPROC_DIR"):
-        call_command("runmultiplexer", "--processes", "2", "--port", str(free_port()))
-    with pytest.raises(CommandError, match="--processes must be at least 1"):
-        call_command("runmultiplexer", "--processes", "0")
-
-
-# The supervisor alone, in a process of its own (it forks only a process of one thread) ------
-
-SUPERVISOR_SCRIPT = """
-import os, signal, sys, time
-import django
-
-django.setup()
-from multiplexer.options import ServerOptions
-from multiplexer.processes import StartError, Supervisor
-
-mode = sys.argv[1]
-
-
-def serve(options, link):
-    if mode == "fail" and not options.heartbeat:  # the second process
-        raise StartError("the second process cannot start")
-    link.ready("none")
-    if mode == "fail":
-        time.sleep(3600)  # until SIGTERM
-
-
-supervisor = Supervisor(serve, 2, ServerOptions(host="127.0.0.1", port=0), out=print)
-try:
-    supervisor.start()
-except StartError as exc:
-    print("failed:", exc)
-else:
-    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-    signal.alarm(4)
-    supervisor.run()
-    supervisor.stop(1.0)
-print("pids:", " ".join(map(str, supervisor.pids_seen)), flush=True)
-"""
-
-
-def run_supervisor(mode: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-c", SUPERVISOR_SCRIPT, mode],
-        cwd=ROOT,
-        env={**os.environ, **TEST_ENV},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-def test_a_process_that_cannot_start_stops_them_all_with_its_reason() -> None:
-    output = run_supervisor("fail")
-    assert "failed: the second process cannot start" in output
-    pids = [int(pid) for pid in output.split("pids:")[1].split()]
-    assert len(pids) == 2 and all(gone(pid) for pid in pids)
-
-
-def test_a_process_that_keeps_dying_young_is_restarted_ever_later() -> None:
-    output = run_supervisor("exit")
-    assert "exited with status 0; starting another in 1 s." in output
-    assert "exited with status 0; starting another in 2 s." in output, output
-    assert all(gone(int(pid)) for pid in output.split("pids:")[1].split())
-
-
-# Real processes ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +85,7 @@ class Multiplexer:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         while True:
             for line in self.lines:
@@ -268,7 +101,7 @@ class Multiplexer:
         found = self.wait_for(r"is now running.* processes \(pids ([\d, ]+)\)")
         return [int(pid) for pid in found.group(1).split(", ")]
 
-    def finish(self, timeout: float = 60) -> int:
+    def finish(self, timeout: float = 120) -> int:
         code = self.process.wait(timeout)
         self._reader.join(10)
         return code
@@ -363,15 +196,6 @@ def value(scraped: dict[Any, float], name: str, **labels: str) -> float:
 def parent_of(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def gone(pid: int) -> bool:
-    """Exited (or a zombie nobody has reaped yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 60, what: str = "") -> None:
@@ -490,7 +314,10 @@ def test_a_second_multiplexer_on_a_taken_port_fails_loudly(
     row: None, start: Callable[..., Multiplexer], tmp_path: Path
 ) -> None:
     first, used = two_processes(start, tmp_path)
+    single_port = free_port()
+    single = start("--port", str(single_port), "--metrics-port", "0")
     first.pids()
+    single.wait_for("is now running")
     grpc_port, http_port = str(used["grpc"]), str(used["http"])
     attempts = {
         # the same gRPC port, with several processes and with one
@@ -507,6 +334,10 @@ def test_a_second_multiplexer_on_a_taken_port_fails_loudly(
             "--processes", "2", "--port", str(free_port()), "--http-port", str(free_port()),
             "--metrics-port", str(used["metrics"]),
         ),
+        # the port of a multiplexer of one process
+        f"127.0.0.1:{single_port} (gRPC, TEI_MANAGER_GRPC_PORT)": (
+            "--processes", "2", "--port", str(single_port),
+        ),
     }  # fmt: skip
     for message, args in attempts.items():
         args = ("--metrics-port", "0", *args)  # the last --metrics-port wins
@@ -516,21 +347,10 @@ def test_a_second_multiplexer_on_a_taken_port_fails_loudly(
             f"cannot serve {message}" in second.output
         ), second.output
         assert "Traceback" not in second.output and "is now running" not in second.output
-    # The first one never noticed.
+    # The first ones never noticed.
     embed_once(used["grpc"])
     embed_over_http(used["http"])
-    assert first.process.poll() is None
-
-    # A single-process multiplexer's port is just as taken for a second with several.
-    single_port = free_port()
-    single = start("--port", str(single_port), "--metrics-port", "0")
-    single.wait_for("is now running")
-    second = start(
-        "--processes", "2", "--port", str(single_port), "--metrics-port", "0",
-        PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
-    )  # fmt: skip
-    assert second.finish() != 0
-    assert f"cannot listen on 127.0.0.1:{single_port} (gRPC" in second.output
+    assert first.process.poll() is None and single.process.poll() is None
 
 
 @pytest.mark.django_db(transaction=True)
