@@ -329,23 +329,15 @@ def test_a_second_multiplexer_on_a_taken_port_fails_loudly(
         f"127.0.0.1:{http_port} (HTTP, TEI_MANAGER_HTTP_PORT)": (
             "--processes", "2", "--port", str(free_port()), "--http-port", http_port,
         ),
-        # the same metrics port
-        f"metrics on port {used['metrics']}": (
-            "--processes", "2", "--port", str(free_port()), "--http-port", str(free_port()),
-            "--metrics-port", str(used["metrics"]),
-        ),
         # the port of a multiplexer of one process
         f"127.0.0.1:{single_port} (gRPC, TEI_MANAGER_GRPC_PORT)": (
             "--processes", "2", "--port", str(single_port),
         ),
     }  # fmt: skip
     for message, args in attempts.items():
-        args = ("--metrics-port", "0", *args)  # the last --metrics-port wins
-        second = start(*args, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+        second = start("--metrics-port", "0", *args, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
         assert second.finish() != 0, second.output
-        assert f"cannot listen on {message}" in second.output or (
-            f"cannot serve {message}" in second.output
-        ), second.output
+        assert f"cannot listen on {message}" in second.output, second.output
         assert "Traceback" not in second.output and "is now running" not in second.output
     # The first ones never noticed.
     embed_once(used["grpc"])
