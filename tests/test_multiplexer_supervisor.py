@@ -22,7 +22,13 @@ from django.core.management import CommandError, call_command
 
 from multiplexer.options import ServerOptions
 from multiplexer.ports import PortTaken, claim_ports, startup_lock
-from multiplexer.processes import StartError, ensure_one_thread
+from multiplexer.processes import (
+    ProcessMetrics,
+    StartError,
+    Supervisor,
+    ensure_one_thread,
+    metrics_server,
+)
 from multiplexer.refresher import RoutingRefresher
 from multiplexer.routing import Route, Router, RoutingTable
 from multiplexer.wire import Target
@@ -65,6 +71,16 @@ def test_the_startup_lock_is_held_until_released() -> None:
         sock.close()
     for sock in startup_lock([port], timeout=0.3):
         sock.close()
+
+
+def test_a_taken_metrics_port_is_named() -> None:
+    supervisor = Supervisor(lambda options, link: None, 2, ServerOptions(host="127.0.0.1"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartError, match=f"metrics on port {port} \\(TEI_MANAGER_MULTI"):
+            metrics_server("127.0.0.1", port, ProcessMetrics(supervisor))
 
 
 def test_it_refuses_to_fork_a_process_that_runs_threads() -> None:
