@@ -7,6 +7,12 @@ deadline; a freed slot is handed to the oldest waiter directly, so late arrivals
 overtake the queue. A full queue, or a wait that outlives its deadline, is refused with
 Overloaded (gRPC RESOURCE_EXHAUSTED, HTTP 429 with Retry-After).
 
+With `runmultiplexer --processes N` every process has its own gates, so each admits
+`max_concurrent_requests // N` calls per instance (at least 1) and queues `queue_size / N`
+(rounded up): together they never send an instance more than its limit, which it would
+refuse (TEI answers RESOURCE_EXHAUSTED past it) instead of queueing. The price: the kernel
+spreads connections, not calls, so one process may queue while another has free slots.
+
 Gates live on the server's event loop only; the routing table they read their limit from
 is swapped in by the refresher thread, and `Router.retain` hands each gate its new row on
 the loop.
@@ -47,14 +53,20 @@ class Overloaded(AdmissionError):
         super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
+def process_share(limit: int, processes: int) -> int:
+    """One process's part of an instance's `limit`: never more than the limit in all."""
+    return max(limit // processes, 1)
+
+
 class Gate:
     """One instance's slots and its queue of waiting calls."""
 
-    __slots__ = ("in_flight", "limit", "queue_size", "route", "waiters")
+    __slots__ = ("in_flight", "limit", "processes", "queue_size", "route", "waiters")
 
-    def __init__(self, route: Route, queue_size: int) -> None:
+    def __init__(self, route: Route, queue_size: int, processes: int = 1) -> None:
         self.route = route
-        self.limit = max(route.max_concurrent_requests, 1)
+        self.processes = processes
+        self.limit = process_share(route.max_concurrent_requests, processes)
         self.queue_size = queue_size
         self.in_flight = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
@@ -118,7 +130,7 @@ class Gate:
     def update(self, route: Route) -> None:
         """A new table row for this instance: adopt its limit, admit whom it lets in."""
         self.route = route
-        self.limit = max(route.max_concurrent_requests, 1)
+        self.limit = process_share(route.max_concurrent_requests, self.processes)
         while self.waiters and self.in_flight < self.limit:
             self.in_flight += 1
             self._hand_over()

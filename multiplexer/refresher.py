@@ -27,6 +27,7 @@ from multiplexer.routing import Route, Router, RoutingTable
 log = logging.getLogger(__name__)
 
 HEARTBEAT_NAME = "multiplexer"
+HEARTBEAT_INTERVAL_SECS = 5.0
 
 
 def load_routing_table() -> RoutingTable:
@@ -76,7 +77,7 @@ class RoutingRefresher:
         self,
         router: Router,
         interval: float = 0.5,
-        heartbeat_interval: float = 5.0,
+        heartbeat_interval: float | None = HEARTBEAT_INTERVAL_SECS,  # None: write none
         on_change: Callable[[RoutingTable], None] | None = None,
         keyring: Keyring | None = None,
     ) -> None:
@@ -112,9 +113,13 @@ class RoutingRefresher:
                 if keys.rows != self.keyring.table.rows:
                     self.keyring.update(keys)
             if time.monotonic() >= self._next_heartbeat:
-                record_heartbeat()
+                # Every process writes its keys' last use; one writes the heartbeat.
+                if self.heartbeat_interval is not None:
+                    record_heartbeat()
                 self.write_last_used()
-                self._next_heartbeat = time.monotonic() + self.heartbeat_interval
+                self._next_heartbeat = time.monotonic() + (
+                    self.heartbeat_interval or HEARTBEAT_INTERVAL_SECS
+                )
         except Exception as exc:
             connection.close()  # the next read opens a fresh one
             if not self._failing:

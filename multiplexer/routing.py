@@ -130,10 +130,16 @@ class Router:
     """
 
     def __init__(
-        self, table: RoutingTable | None = None, queue_size: int = DEFAULT_QUEUE_SIZE
+        self,
+        table: RoutingTable | None = None,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        processes: int = 1,
     ) -> None:
+        """`processes`: how many multiplexer processes share the instances' limits and
+        queues (`runmultiplexer --processes`); this one takes its share of each."""
         self.table = table or RoutingTable()
-        self.queue_size = queue_size
+        self.processes = processes
+        self.queue_size = -(-queue_size // processes)
         self.gates: dict[str, Gate] = {}
         self._turn = 0
 
@@ -159,7 +165,7 @@ class Router:
         """Take one slot on `route`'s instance: at once when free, else queued."""
         gate = self.gates.get(route.name)
         if gate is None:  # a new table's limits reach existing gates through `retain`
-            gate = self.gates[route.name] = Gate(route, self.queue_size)
+            gate = self.gates[route.name] = Gate(route, self.queue_size, self.processes)
         if gate.in_flight < gate.limit and not gate.waiters:
             gate.in_flight += 1
             return

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -25,82 +22,14 @@ from multiplexer.forwarding import SERVICE_NAME, Forwarder
 from multiplexer.http.server import HttpServer
 from multiplexer.keys import Keyring
 from multiplexer.metrics import CallMetrics
-from multiplexer.refresher import RoutingRefresher
+from multiplexer.options import ServerOptions, event_loop_factory
+from multiplexer.refresher import HEARTBEAT_INTERVAL_SECS, RoutingRefresher
 from multiplexer.routing import Router, RoutingTable
 from multiplexer.tls import SubjectCheck, server_credentials
-from teimanager.config import Config, MtlsConfig, is_loopback
-
-LOOP_KINDS = ("auto", "uvloop", "asyncio")
-
-
-def event_loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
-    """uvloop's loop for "uvloop", asyncio's for "asyncio", uvloop's if installed for "auto"."""
-    if kind not in LOOP_KINDS:
-        raise ValueError(f"unknown event loop {kind!r}: choose one of {', '.join(LOOP_KINDS)}")
-    if kind != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if kind == "uvloop":
-                raise
-        else:
-            return uvloop.new_event_loop
-    return asyncio.new_event_loop
 
 
 class HttpBindError(RuntimeError):
     """The HTTP data plane's port cannot be bound."""
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    host: str = "0.0.0.0"
-    port: int = 9001
-    max_message_size_mb: int = 64
-    max_parallel_streams: int = 1024
-    request_timeout_secs: float = 30.0
-    refresh_interval_secs: float = 0.5
-    mtls: MtlsConfig = field(default_factory=MtlsConfig)
-    queue_size: int = 1024
-    http_port: int | None = None  # None: no HTTP server; 0: any free port
-    http_payload_limit_bytes: int = 2_000_000
-    max_client_batch_size: int = 2048
-    # Protected mode (access/protection.py): "auto" asks for keys once a key exists or a
-    # listener binds beyond loopback, this one or another of the fleet's (`listeners`).
-    auth_required: str = "auto"
-    listeners: tuple[str, ...] = ()
-
-    @classmethod
-    def from_config(cls, config: Config, **overrides: Any) -> ServerOptions:
-        values: dict[str, Any] = {
-            "port": config.grpc_port,
-            "max_message_size_mb": config.grpc_max_message_size_mb,
-            "max_parallel_streams": config.grpc_max_parallel_streams,
-            "request_timeout_secs": config.grpc_request_timeout_secs,
-            "mtls": config.mtls,
-            "queue_size": config.queue_size,
-            "http_port": config.http_port if config.http_enabled else None,
-            "http_payload_limit_bytes": config.http_payload_limit_bytes,
-            "max_client_batch_size": config.max_client_batch_size,
-            "auth_required": config.auth_required,
-            "listeners": (config.bind,),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-    @property
-    def open_listener(self) -> bool:
-        return any(not is_loopback(host) for host in (self.host, *self.listeners))
-
-    @property
-    def max_message_bytes(self) -> int:
-        return self.max_message_size_mb * 1024 * 1024
-
-    def message_size_options(self) -> list[tuple[str, int]]:
-        return [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-        ]
 
 
 class MultiplexerServer:
@@ -108,12 +37,13 @@ class MultiplexerServer:
 
     def __init__(self, options: ServerOptions, router: Router | None = None) -> None:
         self.options = options
-        self.router = router or Router(queue_size=options.queue_size)
+        self.router = router or Router(queue_size=options.queue_size, processes=options.processes)
         self.pool = ChannelPool(options.message_size_options())
         self.keyring = Keyring(options.auth_required, options.open_listener)
         self.refresher = RoutingRefresher(
             self.router,
             options.refresh_interval_secs,
+            heartbeat_interval=HEARTBEAT_INTERVAL_SECS if options.heartbeat else None,
             on_change=self._table_changed,
             keyring=self.keyring,
         )
@@ -136,7 +66,9 @@ class MultiplexerServer:
             options=[
                 *options.message_size_options(),
                 ("grpc.max_concurrent_streams", options.max_parallel_streams),
-                ("grpc.so_reuseport", 0),
+                # grpcio turns SO_REUSEPORT on unless told: a second server on a taken port
+                # would then start silently. Only --processes N shares its port, on purpose.
+                ("grpc.so_reuseport", int(options.reuse_port)),
             ],
             interceptors=interceptors,
         )
@@ -171,7 +103,9 @@ class MultiplexerServer:
                 keyring=self.keyring,
             )
             try:
-                self.http_port = await self.http.start(options.host, options.http_port)
+                self.http_port = await self.http.start(
+                    options.host, options.http_port, reuse_port=options.reuse_port
+                )
             except OSError as exc:
                 await server.stop(None)
                 raise HttpBindError(

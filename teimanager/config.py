@@ -141,6 +141,10 @@ class Config:
     auth_required: str = setting("auto", "TEI_MANAGER_AUTH_REQUIRED", check=_mode)
     # /metrics on the API port answers any peer without a key (else loopback peers only).
     metrics_public: bool = setting(False, "TEI_MANAGER_METRICS_PUBLIC")
+    # Server processes of the multiplexer, sharing its ports (runmultiplexer --processes).
+    multiplexer_processes: int = setting(
+        1, "TEI_MANAGER_MULTIPLEXER_PROCESSES", check=_at_least_one
+    )
     # -- in the TOML file only ---------------------------------------------------------
     startup_timeout_secs: int = setting(300)
     max_failures_before_restart: int = setting(3)

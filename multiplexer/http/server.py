@@ -91,13 +91,16 @@ class HttpServer:
         self.app = self._application()
         self._runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int, grace: float = 10.0) -> int:
-        """Listen on host:port (0: any free port); return the bound port."""
+    async def start(
+        self, host: str, port: int, grace: float = 10.0, reuse_port: bool = False
+    ) -> int:
+        """Listen on host:port (0: any free port); return the bound port. `reuse_port`:
+        share it with the other processes of `runmultiplexer --processes N`."""
         runner = web.AppRunner(
             self.app, access_log=None, handler_cancellation=True, shutdown_timeout=grace
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port)
         try:
             await site.start()
         except OSError:

@@ -1,0 +1,88 @@
+"""The multiplexer's server options and event loop choice.
+
+Apart from multiplexer/server.py so that `runmultiplexer --processes N` can read them in
+its parent process without importing the server (grpcio's server, pyarrow and its threads):
+the parent forks the server processes, and must do so before any of that exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from teimanager.config import Config, MtlsConfig, is_loopback
+
+LOOP_KINDS = ("auto", "uvloop", "asyncio")
+
+
+def event_loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's loop for "uvloop", asyncio's for "asyncio", uvloop's if installed for "auto"."""
+    if kind not in LOOP_KINDS:
+        raise ValueError(f"unknown event loop {kind!r}: choose one of {', '.join(LOOP_KINDS)}")
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "0.0.0.0"
+    port: int = 9001
+    max_message_size_mb: int = 64
+    max_parallel_streams: int = 1024
+    request_timeout_secs: float = 30.0
+    refresh_interval_secs: float = 0.5
+    mtls: MtlsConfig = field(default_factory=MtlsConfig)
+    queue_size: int = 1024
+    http_port: int | None = None  # None: no HTTP server; 0: any free port
+    http_payload_limit_bytes: int = 2_000_000
+    max_client_batch_size: int = 2048
+    # `runmultiplexer --processes N`: N servers share the ports (SO_REUSEPORT), each admits
+    # its share of an instance's max_concurrent_requests, and one writes the heartbeat.
+    processes: int = 1
+    reuse_port: bool = False
+    heartbeat: bool = True
+    # Protected mode (access/protection.py): "auto" asks for keys once a key exists or a
+    # listener binds beyond loopback, this one or another of the fleet's (`listeners`).
+    auth_required: str = "auto"
+    listeners: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Config, **overrides: Any) -> ServerOptions:
+        values: dict[str, Any] = {
+            "port": config.grpc_port,
+            "max_message_size_mb": config.grpc_max_message_size_mb,
+            "max_parallel_streams": config.grpc_max_parallel_streams,
+            "request_timeout_secs": config.grpc_request_timeout_secs,
+            "mtls": config.mtls,
+            "queue_size": config.queue_size,
+            "http_port": config.http_port if config.http_enabled else None,
+            "http_payload_limit_bytes": config.http_payload_limit_bytes,
+            "max_client_batch_size": config.max_client_batch_size,
+            "auth_required": config.auth_required,
+            "listeners": (config.bind,),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def open_listener(self) -> bool:
+        return any(not is_loopback(host) for host in (self.host, *self.listeners))
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_size_mb * 1024 * 1024
+
+    def message_size_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
