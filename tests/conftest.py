@@ -102,11 +102,16 @@ TEST_ENV = {
 
 
 def _isolate() -> None:
+    # Celery takes CELERY_BROKER_URL from the environment before its own configuration, and
+    # `make test` exports the production default: every publish of this process would go
+    # to Redis DB 0 instead of the test's DB, where no test worker listens.
     for key in (
         "TEI_MANAGER_STATE_FILE",
         "TEI_MANAGER_LOG_DIR",
         "TEI_MANAGER_CONFIG",
         "LOCALTEI_CACHE",
+        "CELERY_BROKER_URL",
+        "CELERY_TASK_DEFAULT_QUEUE",
     ):
         os.environ[key] = TEST_ENV[key]
     os.environ.pop("TEI_BINARY_PATH", None)

@@ -268,3 +268,10 @@ def test_it_relaunches_a_launch_lost_after_its_spawn(fake_worker: Worker, settin
         wait_until(lambda: not process.is_alive(stray.pid, stray.create_time), 10, "stray gone")
     finally:
         process.terminate(stray.pid, stray.create_time, 5)
+
+
+def test_the_suite_publishes_to_its_own_broker_database(idle_node: str) -> None:
+    # `make test` exports CELERY_BROKER_URL (the production default, Redis DB 0), which
+    # Celery prefers to its configuration: the suite must still publish to its own DB.
+    tasks.enqueue(tasks.kill_orphan, idle_node, [424242])
+    assert queued(idle_node) == collections.Counter({("kill_orphan", 424242): 1})
