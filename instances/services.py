@@ -23,6 +23,7 @@ from instances.errors import (
     ValidationFailed,
 )
 from instances.models import Counter, DesiredState, Instance, OrphanProcess, Status
+from telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,22 @@ _FRESH: dict[str, Any] = {
 
 
 def create_instance(**fields: Any) -> Instance:
-    """Save a new instance (ports allocated when not given) and enqueue its start."""
-    try:
-        with transaction.atomic():
-            instance = _insert(fields)
-    except IntegrityError:
-        # Only reachable on PostgreSQL (SQLite's IMMEDIATE transactions serialise creates).
-        if Instance.objects.filter(name=fields.get("name")).exists():
-            raise InstanceExists(f"instance '{fields.get('name')}' already exists") from None
-        raise PortConflict("port was taken by a concurrent create; try again") from None
-    return instance
+    """Save a new instance (ports allocated when not given) and enqueue its start; the
+    launch task carries this span's trace context (telemetry/propagation.py)."""
+    attributes = {
+        tracing.INSTANCE_ATTRIBUTE: str(fields.get("name")),
+        "tei_manager.model_id": str(fields.get("model_id")),
+    }
+    with tracing.span("instance.create", attributes=attributes):
+        try:
+            with transaction.atomic():
+                instance = _insert(fields)
+        except IntegrityError:
+            # Only reachable on PostgreSQL (SQLite's IMMEDIATE transactions serialise creates).
+            if Instance.objects.filter(name=fields.get("name")).exists():
+                raise InstanceExists(f"instance '{fields.get('name')}' already exists") from None
+            raise PortConflict("port was taken by a concurrent create; try again") from None
+        return instance
 
 
 def start_instance(name: str) -> Instance:

@@ -35,6 +35,8 @@ from multiplexer.calls import InstanceCalls, StreamSlots
 from multiplexer.channels import ChannelPool
 from multiplexer.metrics import UNROUTED, CallMetrics
 from multiplexer.routing import Router, RoutingError
+from multiplexer.tracing import Hop, HopTracer
+from multiplexer.traffic import response_tokens
 from multiplexer.wire import Target, WireError, split_wrapper
 
 SERVICE_NAME = "tei_multiplexer.v1.TeiMultiplexer"
@@ -55,21 +57,37 @@ class ProxiedMethod:
     upstream_path: str
     client_streaming: bool
     server_streaming: bool
+    reports_tokens: bool = False  # its response carries tei.v1.Metadata as field 2
 
 
 def proxied_methods() -> list[ProxiedMethod]:
     """Each TeiMultiplexer method but the Arrow ones, with the tei.v1 method it calls."""
     upstream = {
-        method.name: f"/{service.full_name}/{method.name}"
+        method.name: method
         for service in tei_pb2.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }
     service = multiplexer_pb2.DESCRIPTOR.services_by_name["TeiMultiplexer"]
     return [
-        ProxiedMethod(m.name, upstream[m.name], m.client_streaming, m.server_streaming)
+        ProxiedMethod(
+            m.name,
+            f"/{upstream[m.name].containing_service.full_name}/{m.name}",
+            m.client_streaming,
+            m.server_streaming,
+            _has_metadata(upstream[m.name].output_type),
+        )
         for m in service.methods
         if m.name not in ARROW_METHODS
     ]
+
+
+def _has_metadata(message: Any) -> bool:
+    field = message.fields_by_number.get(2)
+    return (
+        field is not None
+        and field.message_type is not None
+        and (field.message_type.full_name == "tei.v1.Metadata")
+    )
 
 
 class Forwarder:
@@ -80,10 +98,12 @@ class Forwarder:
         metrics: CallMetrics,
         request_timeout: float = 30.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        hops: HopTracer | None = None,
     ) -> None:
         self.router = router
         self.pool = pool
         self.metrics = metrics
+        self.hops = hops  # None: tracing is off
         self.request_timeout = request_timeout
         self.max_message_bytes = max_message_bytes
         self.calls = InstanceCalls(router, pool)
@@ -112,11 +132,12 @@ class Forwarder:
     # Forwarded calls ------------------------------------------------------------------
 
     def _unary_unary(self, method: ProxiedMethod) -> Handler:
-        name, path = method.name, method.upstream_path
+        name, path, tokens = method.name, method.upstream_path, method.reports_tokens
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
             instance, failure, response = UNROUTED, None, b""
+            hop = None if self.hops is None else self.hops.grpc(name, context.invocation_metadata())
             try:
                 target, inner = split_wrapper(request)
                 check_size(inner)
@@ -127,24 +148,28 @@ class Forwarder:
                     response = await self.pool.unary_unary(route.address, path)(
                         inner,
                         timeout=timeout - (time.perf_counter() - started),
-                        metadata=_metadata(context),
+                        metadata=_metadata(context, hop),
                     )
                 finally:
                     self.router.release(route)
             except Exception as exc:
                 failure = _status(exc)
-            return await self._finish(context, instance, name, started, failure, response)
+            count = response_tokens(response) if tokens and response else 0
+            return await self._finish(
+                context, instance, name, started, failure, response, hop, count
+            )
 
         return forward
 
     def _stream_unary(self, method: ProxiedMethod) -> Handler:
-        name, path = method.name, method.upstream_path
+        name, path, tokens = method.name, method.upstream_path, method.reports_tokens
 
         async def forward(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> bytes:
             started = time.perf_counter()
             instance, failure, response = UNROUTED, None, b""
+            hop = None if self.hops is None else self.hops.grpc(name, context.invocation_metadata())
             try:
                 incoming = aiter(requests)
                 first = await anext(incoming, None)
@@ -160,7 +185,7 @@ class Forwarder:
                 stream = InnerStream(inner, incoming, answer_per_request=False)
                 try:
                     call = self.pool.stream_unary(route.address, path)(
-                        stream, timeout=context.time_remaining(), metadata=_metadata(context)
+                        stream, timeout=context.time_remaining(), metadata=_metadata(context, hop)
                     )
                     response = await self._owed_answer(call, stream, route.name)
                 finally:
@@ -169,18 +194,22 @@ class Forwarder:
                     raise stream.bad
             except Exception as exc:
                 failure = _status(exc)
-            return await self._finish(context, instance, name, started, failure, response)
+            count = response_tokens(response) if tokens and response else 0
+            return await self._finish(
+                context, instance, name, started, failure, response, hop, count
+            )
 
         return forward
 
     def _stream_stream(self, method: ProxiedMethod) -> Handler:
-        name, path = method.name, method.upstream_path
+        name, path, tokens = method.name, method.upstream_path, method.reports_tokens
 
         async def forward(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
             started = time.perf_counter()
-            instance, failure = UNROUTED, None
+            instance, failure, count = UNROUTED, None, 0
+            hop = None if self.hops is None else self.hops.grpc(name, context.invocation_metadata())
             stream: InnerStream | None = None
             call: grpc.aio.StreamStreamCall | None = None
             try:
@@ -195,12 +224,14 @@ class Forwarder:
                     slots = StreamSlots(self.router, route, lambda: self._deadline(context))
                     stream = InnerStream(inner, incoming, answer_per_request=True, slots=slots)
                     call = self.pool.stream_stream(route.address, path)(
-                        stream, timeout=context.time_remaining(), metadata=_metadata(context)
+                        stream, timeout=context.time_remaining(), metadata=_metadata(context, hop)
                     )
                     while (
                         response := await self._owed_answer(call.read(), stream, instance)
                     ) is not grpc.aio.EOF:
                         stream.answered()
+                        if tokens:
+                            count += response_tokens(response)
                         yield response
                     if stream.bad is not None:
                         raise stream.bad
@@ -211,7 +242,7 @@ class Forwarder:
                     stream.slots.give_all()
                 if call is not None and not call.done():
                     call.cancel()
-            await self._finish(context, instance, name, started, failure, b"")
+            await self._finish(context, instance, name, started, failure, b"", hop, count)
 
         return forward
 
@@ -227,7 +258,12 @@ class Forwarder:
         self, kind: ArrowKind, request: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         started = time.perf_counter()
-        instance, failure, response = UNROUTED, None, b""
+        instance, failure, response, count = UNROUTED, None, b"", 0
+        hop = (
+            None
+            if self.hops is None
+            else self.hops.grpc(kind.method, context.invocation_metadata())
+        )
         try:
             message = kind.request_type.FromString(request)
             texts = arrow.read_texts(message.arrow_ipc)
@@ -240,13 +276,20 @@ class Forwarder:
                 # them as its queue allows; each row in flight holds an admission slot.
                 rows = [check_size(kind.row(text, message)) for text in texts]
                 replies = await self.calls.stream(
-                    route, kind.upstream_path, rows, self._deadline(context), _metadata(context)
+                    route,
+                    kind.upstream_path,
+                    rows,
+                    self._deadline(context),
+                    _metadata(context, hop),
                 )
+                count = sum(response_tokens(reply) for reply in replies)
                 payload = kind.payload(replies)
             response = self._arrow_reply(payload, kind.response_type)
         except Exception as exc:
             failure = _status(exc)
-        return await self._finish(context, instance, kind.method, started, failure, response)
+        return await self._finish(
+            context, instance, kind.method, started, failure, response, hop, count
+        )
 
     def _arrow_reply(self, payload: bytes, kind: Any) -> bytes:
         response: bytes = kind(arrow_ipc=payload).SerializeToString()
@@ -296,9 +339,13 @@ class Forwarder:
         started: float,
         failure: tuple[grpc.StatusCode, str] | None,
         response: bytes,
+        hop: Hop | None = None,
+        tokens: int = 0,
     ) -> bytes:
         code = grpc.StatusCode.OK if failure is None else failure[0]
-        self.metrics.observe(instance, method, code, time.perf_counter() - started)
+        self.metrics.observe(instance, method, code, time.perf_counter() - started, tokens)
+        if hop is not None:
+            hop.end_grpc(instance, code, "" if failure is None else failure[1])
         if failure is not None:
             await context.abort(*failure)
         return response
@@ -452,11 +499,16 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"multiplexer error: {type(exc).__name__}: {exc}"
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...] | None:
-    """The client's own metadata (an API key, a request id), without transport headers."""
+def _metadata(
+    context: grpc.aio.ServicerContext, hop: Hop | None = None
+) -> tuple[tuple[str, str | bytes], ...] | None:
+    """The client's own metadata (an API key, a request id, W3C trace context), without
+    transport headers; with tracing on, the hop's trace context instead of the client's."""
     forwarded = tuple(
         (key, value)
         for key, value in context.invocation_metadata() or ()
         if key not in _HOP_BY_HOP and not key.startswith((":", "grpc-"))
     )
+    if hop is not None:
+        return hop.forwarded(forwarded)
     return forwarded or None

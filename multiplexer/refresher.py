@@ -1,10 +1,12 @@
-"""Keeps the Router's table in step with the Instance rows, and says the multiplexer is alive.
+"""Keeps the Router's table in step with the Instance rows, says the multiplexer is alive,
+and writes the traffic roll-up.
 
 A background thread reads the database every `interval` seconds (0.5 s by default, so a
 created, stopped or deleted instance is routable or refused within a second) and swaps a
 new immutable table in when anything changed. A failed read keeps the last good table.
-The thread keeps its database connection between reads (reopening SQLite each tick costs
-more than the read) and drops it only when a read fails.
+Every 10 seconds the same thread writes the traffic samples (multiplexer/rollup.py) in one
+batch. The thread keeps its database connection between reads (reopening SQLite each tick
+costs more than the read) and drops it only when a read or a write fails.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from django.apps import apps
 from django.db import connection
 from django.utils import timezone
 
 from multiplexer.routing import Route, Router, RoutingTable
+
+if TYPE_CHECKING:
+    from multiplexer.rollup import Rollup
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +79,13 @@ class RoutingRefresher:
         interval: float = 0.5,
         heartbeat_interval: float = 5.0,
         on_change: Callable[[RoutingTable], None] | None = None,
+        rollup: Rollup | None = None,
     ) -> None:
         self.router = router
         self.interval = interval
         self.heartbeat_interval = heartbeat_interval
         self.on_change = on_change
+        self.rollup = rollup
         self._stop = threading.Event()
         self._first_read = threading.Event()
         self._thread: threading.Thread | None = None
@@ -118,6 +126,19 @@ class RoutingRefresher:
             self.on_change(table)
         return True
 
+    def roll_up_if_due(self) -> bool:
+        """Write the traffic samples when their window is over; True when written."""
+        rollup = self.rollup
+        if rollup is None or not rollup.due(time.time()):
+            return False
+        try:
+            rollup.run(self.router.table)
+        except Exception as exc:
+            connection.close()
+            log.warning("cannot write the traffic samples: %s", exc)
+            return False
+        return True
+
     def _run(self) -> None:
         # Every read happens on this thread, over its one connection, closed on the way out.
         try:
@@ -125,6 +146,7 @@ class RoutingRefresher:
             self._first_read.set()
             while not self._stop.wait(self.interval):
                 self.refresh_once()
+                self.roll_up_if_due()
         finally:
             self._first_read.set()
             connection.close()

@@ -10,6 +10,7 @@ times, and uvloop's wake-ups are cheaper (see benchmarks/grpc_hop_floor.py).
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,9 +26,13 @@ from multiplexer.forwarding import SERVICE_NAME, Forwarder
 from multiplexer.http.server import HttpServer
 from multiplexer.metrics import CallMetrics
 from multiplexer.refresher import RoutingRefresher
+from multiplexer.rollup import ROLLUP_SECS, Rollup
 from multiplexer.routing import Router, RoutingTable
 from multiplexer.tls import SubjectCheck, server_credentials
+from multiplexer.tracing import HopTracer
+from multiplexer.traffic import Snapshot, Traffic
 from teimanager.config import Config, MtlsConfig
+from telemetry import tracing
 
 LOOP_KINDS = ("auto", "uvloop", "asyncio")
 
@@ -64,6 +69,8 @@ class ServerOptions:
     http_port: int | None = None  # None: no HTTP server; 0: any free port
     http_payload_limit_bytes: int = 2_000_000
     max_client_batch_size: int = 2048
+    rollup_interval_secs: float = ROLLUP_SECS  # 0: no traffic samples
+    node: str = ""  # names this multiplexer's traffic samples ("": the host name)
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> ServerOptions:
@@ -99,9 +106,16 @@ class MultiplexerServer:
         self.options = options
         self.router = router or Router(queue_size=options.queue_size)
         self.pool = ChannelPool(options.message_size_options())
+        self.traffic = Traffic()
+        rollup = None
+        if options.rollup_interval_secs > 0:
+            source = options.node or socket.gethostname()
+            rollup = Rollup(self._collect_traffic, source, options.rollup_interval_secs)
         self.refresher = RoutingRefresher(
-            self.router, options.refresh_interval_secs, on_change=self._table_changed
+            self.router, options.refresh_interval_secs, on_change=self._table_changed, rollup=rollup
         )
+        tracer = tracing.tracer()
+        self.hops = None if tracer is None else HopTracer(tracer)
         self.health = HealthServicer()
         self.port = 0
         self.http_port: int | None = None
@@ -128,9 +142,10 @@ class MultiplexerServer:
         forwarder = Forwarder(
             self.router,
             self.pool,
-            CallMetrics(),
+            CallMetrics(self.traffic),
             request_timeout=options.request_timeout_secs,
             max_message_bytes=options.max_message_bytes,
+            hops=self.hops,
         )
         server.add_generic_rpc_handlers((forwarder.generic_handler(),))
         # Health and reflection answer a request that does not parse with INVALID_ARGUMENT.
@@ -152,6 +167,8 @@ class MultiplexerServer:
                 request_timeout=options.request_timeout_secs,
                 max_client_batch_size=options.max_client_batch_size,
                 payload_limit_bytes=options.http_payload_limit_bytes,
+                traffic=self.traffic,
+                hops=self.hops,
             )
             try:
                 self.http_port = await self.http.start(options.host, options.http_port)
@@ -172,6 +189,17 @@ class MultiplexerServer:
         await asyncio.gather(*stops)
         await asyncio.to_thread(self.refresher.stop)
         await self.pool.close()
+
+    def _collect_traffic(self) -> Snapshot:
+        """The traffic windows, taken on the event loop that fills them (refresher thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return self.traffic.take(self.router)
+
+        async def take() -> Snapshot:
+            return self.traffic.take(self.router)
+
+        return asyncio.run_coroutine_threadsafe(take(), loop).result(timeout=5)
 
     def _table_changed(self, table: RoutingTable) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -61,6 +61,16 @@ def _log_level(label: str, value: Any) -> None:
         raise ConfigError(f"{label} must be one of {names}, got {value!r}")
 
 
+def _log_format(label: str, value: Any) -> None:
+    if value not in ("text", "json"):
+        raise ConfigError(f"{label} must be text or json, got {value!r}")
+
+
+def _otlp_endpoint(label: str, value: Any) -> None:
+    if value and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{label} must be an http:// or https:// URL, got {value!r}")
+
+
 def _database_url(label: str, value: Any) -> None:
     if value:
         try:
@@ -127,6 +137,10 @@ class Config:
         2048, "TEI_MANAGER_MAX_CLIENT_BATCH_SIZE", check=_at_least_one
     )
     queue_size: int = setting(1024, "TEI_MANAGER_QUEUE_SIZE")  # 0: refuse when all are busy
+    # Observability: log lines as text or JSON; OpenTelemetry spans to this OTLP/HTTP base
+    # URL ("": no tracing).
+    log_format: str = setting("text", "TEI_MANAGER_LOG_FORMAT", check=_log_format)
+    otlp_endpoint: str = setting("", "OTEL_EXPORTER_OTLP_ENDPOINT", check=_otlp_endpoint)
     # -- in the TOML file only ---------------------------------------------------------
     startup_timeout_secs: int = setting(300)
     max_failures_before_restart: int = setting(3)

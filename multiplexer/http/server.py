@@ -26,15 +26,22 @@ from multiplexer.http.openai import OpenAIApi
 from multiplexer.http.tei import Answer, Call, TeiApi, parse
 from multiplexer.metrics import UNROUTED, HttpMetrics
 from multiplexer.routing import Router
+from multiplexer.tracing import Hop, HopTracer
+from multiplexer.traffic import Traffic
 from multiplexer.wire import Target
+from telemetry.logs import REQUEST_ID, REQUEST_ID_HEADER, accepted_request_id, new_request_id
 
 log = logging.getLogger(__name__)
 
 TARGETS = (("/instances/{name}", "name"), ("/models/{model_id:.+}", "model_id"))
 CLIENT_CLOSED = 499  # the client went away first (nginx's convention)
 _JSON = "application/json"
-_FORWARDED_HEADERS = ("authorization",)  # reaches instances started with --api-key
-INSTANCE = web.RequestKey("instance", str)  # the metrics label, once routed
+# As gRPC metadata to the instance: the credentials of an instance started with --api-key,
+# and W3C trace context (replaced by the hop's own when tracing is on).
+_FORWARDED_HEADERS = ("authorization", "traceparent", "tracestate")
+CALL = web.RequestKey("call", Call)  # once routed: the instance, the tokens it reported
+REQUEST = web.RequestKey("request_id", str)  # the client's X-Request-ID, or a new one
+HOP = web.RequestKey("hop", Hop)  # with tracing on
 
 Run = Callable[[TeiApi, Call, Any], Awaitable[Answer]]
 
@@ -75,10 +82,13 @@ class HttpServer:
         request_timeout: float = 30.0,
         max_client_batch_size: int = 2048,
         payload_limit_bytes: int = 2_000_000,
+        traffic: Traffic | None = None,
+        hops: HopTracer | None = None,
     ) -> None:
         self.tei = TeiApi(router, pool, request_timeout, max_client_batch_size)
         self.openai = OpenAIApi(self.tei)
-        self.metrics = HttpMetrics()
+        self.metrics = HttpMetrics(traffic)
+        self.hops = hops  # None: tracing is off
         self.payload_limit_bytes = payload_limit_bytes
         self.app = self._application()
         self._runner: web.AppRunner | None = None
@@ -178,16 +188,24 @@ class HttpServer:
         return self._started(request, self.tei.start(target, _metadata(request)))
 
     def _started(self, request: web.Request, call: Call) -> Call:
-        request[INSTANCE] = call.route.name
+        request[CALL] = call
         return call
 
     @web.middleware
     async def _guard(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """Every error in its route's shape, never a 500 for bad input; metrics per route."""
+        """Every error in its route's shape, never a 500 for bad input; metrics per route;
+        the request id (X-Request-ID) in the logs, the answer and the trace."""
         started = time.perf_counter()
         status = CLIENT_CLOSED
+        request_id = accepted_request_id(request.headers.get(REQUEST_ID_HEADER)) or new_request_id()
+        request[REQUEST] = request_id
+        REQUEST_ID.set(request_id)  # this request's task only
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        if self.hops is not None:
+            request[HOP] = self.hops.http(request.method, route, request.headers, request_id)
         try:
             try:
                 response = await handler(request)
@@ -202,12 +220,15 @@ class HttpServer:
                     )
                 response = render(error, shape_of(request.path))
             status = response.status
+            response.headers["X-Request-ID"] = request_id
             return response
         finally:
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else "unmatched"
-            instance = request.get(INSTANCE, UNROUTED)
-            self.metrics.observe(instance, route, status, time.perf_counter() - started)
+            call = request.get(CALL)
+            instance, tokens = (UNROUTED, 0) if call is None else (call.route.name, call.tokens)
+            self.metrics.observe(instance, route, status, time.perf_counter() - started, tokens)
+            hop = request.get(HOP)
+            if hop is not None:
+                hop.end_http(instance, status)
 
 
 def _target(request: web.Request) -> Target:
@@ -220,8 +241,9 @@ def _target(request: web.Request) -> Target:
 def _metadata(request: web.Request) -> Metadata:
     forwarded = tuple(
         (key, request.headers[key]) for key in _FORWARDED_HEADERS if key in request.headers
-    )
-    return forwarded or None
+    ) + ((REQUEST_ID_HEADER, request[REQUEST]),)
+    hop = request.get(HOP)
+    return forwarded if hop is None else hop.forwarded(forwarded)
 
 
 def _json(answer: Answer) -> web.Response:

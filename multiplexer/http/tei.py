@@ -74,13 +74,15 @@ class Answer:
 
 
 class Call:
-    """One HTTP request's work: its route, its deadline, the client's credentials."""
+    """One HTTP request's work: its route, its deadline, the client's credentials, and the
+    tokens the instance reported (for the traffic windows)."""
 
     def __init__(self, route: Route, timeout: float, metadata: Metadata) -> None:
         self.route = route
         self.started = time.perf_counter()
         self.deadline = time.monotonic() + timeout
         self.metadata = metadata
+        self.tokens = 0
 
     @property
     def remaining(self) -> float:
@@ -375,6 +377,7 @@ def timing(call: Call, replies: Sequence[Any]) -> dict[str, str]:
     count = max(len(replies), 1)
     metadata = [reply.metadata for reply in replies]
     total = str(int((time.perf_counter() - call.started) * 1000))
+    call.tokens = sum(m.compute_tokens for m in metadata)
 
     def mean_ms(field: str) -> str:
         return str(sum(getattr(m, field) for m in metadata) // count // 1_000_000)
@@ -382,7 +385,7 @@ def timing(call: Call, replies: Sequence[Any]) -> dict[str, str]:
     return {
         "x-compute-time": total,
         "x-compute-characters": str(sum(m.compute_chars for m in metadata)),
-        "x-compute-tokens": str(sum(m.compute_tokens for m in metadata)),
+        "x-compute-tokens": str(call.tokens),
         "x-total-time": total,
         "x-tokenization-time": mean_ms("tokenization_time_ns"),
         "x-queue-time": mean_ms("queue_time_ns"),

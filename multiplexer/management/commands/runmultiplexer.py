@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from typing import Any
 
@@ -10,6 +11,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from multiplexer.metrics import serve_metrics
+from multiplexer.rollup import ROLLUP_SECS
 from multiplexer.server import (
     LOOP_KINDS,
     HttpBindError,
@@ -17,6 +19,10 @@ from multiplexer.server import (
     ServerOptions,
     event_loop_factory,
 )
+from telemetry import tracing
+from telemetry.setup import setup_process
+
+log = logging.getLogger("multiplexer")
 
 
 class Command(BaseCommand):
@@ -53,6 +59,12 @@ class Command(BaseCommand):
             help="Prometheus port of the multiplexer (0: none)",
         )
         parser.add_argument(
+            "--rollup-interval",
+            type=float,
+            default=ROLLUP_SECS,
+            help="seconds between two traffic samples per instance (0: none)",
+        )
+        parser.add_argument(
             "--loop",
             choices=LOOP_KINDS,
             default="auto",
@@ -66,9 +78,20 @@ class Command(BaseCommand):
             raise CommandError(
                 "--loop uvloop: uvloop is not installed (pip install uvloop)"
             ) from None
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(self.run(options))
-        self.stdout.write("Done.")
+        setup_process("multiplexer")
+        try:
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                runner.run(self.run(options))
+        finally:
+            tracing.shutdown()
+        self.say("Done.")
+
+    def say(self, line: str) -> None:
+        """A line for the operator: on stdout, or a JSON log line with the others."""
+        if settings.TEI.log_format == "json":
+            log.info(line)
+        else:
+            self.stdout.write(line)
 
     async def run(self, options: dict[str, Any]) -> None:
         stop = asyncio.Event()
@@ -77,7 +100,7 @@ class Command(BaseCommand):
             loop.add_signal_handler(signum, stop.set)
         if not settings.TEI.grpc_enabled:
             # Stay up, idle: honcho stops the whole stack when one process exits.
-            self.stdout.write("The gRPC multiplexer is disabled (TEI_MANAGER_GRPC_ENABLED=false).")
+            self.say("The gRPC multiplexer is disabled (TEI_MANAGER_GRPC_ENABLED=false).")
             await stop.wait()
             return
         server_options = ServerOptions.from_config(
@@ -86,6 +109,8 @@ class Command(BaseCommand):
             port=options["port"],
             http_port=options["http_port"],
             refresh_interval_secs=options["refresh_interval"],
+            rollup_interval_secs=options["rollup_interval"],
+            node=settings.NODE_NAME,
         )
         try:
             serve_metrics(options["metrics_port"], options["host"])
@@ -106,14 +131,15 @@ class Command(BaseCommand):
             ) from None
         scheme = "mTLS" if server_options.mtls.enabled else "plaintext"
         loop_kind = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
-        self.stdout.write(
+        traced = "on" if tracing.tracer() is not None else "off"
+        self.say(
             f"The multiplexer is now running on {options['host']}:{port} ({scheme}, {loop_kind}), "
             f"HTTP on port {server.http_port or 'none'}, "
-            f"metrics on port {options['metrics_port'] or 'none'}.",
+            f"metrics on port {options['metrics_port'] or 'none'}, tracing {traced}.",
         )
         await stop.wait()
         grace = options["grace"]
         if grace is None:
             grace = float(settings.TEI.graceful_shutdown_timeout_secs)
-        self.stdout.write(f"Stopping: finishing in-flight calls (up to {grace:g} s)…")
+        self.say(f"Stopping: finishing in-flight calls (up to {grace:g} s)…")
         await server.stop(grace)

@@ -1,0 +1,142 @@
+"""OpenTelemetry traces: spans for the multiplexer's hop and the lifecycle (create, launch,
+health repair), exported over OTLP/HTTP when `otlp_endpoint` (OTEL_EXPORTER_OTLP_ENDPOINT)
+is set. Off by default, and then free: no provider, no exporter thread, and every hook
+is one test of `tracer() is None`.
+
+Context travels as W3C Trace Context (`traceparent`, `tracestate`): in gRPC metadata and
+HTTP headers on the data plane, in Celery message headers from the web to the worker.
+The provider is this module's own, not OpenTelemetry's global one, so that a test can
+install an in-memory exporter and take it away again. The SDK still reads its usual
+variables (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_HEADERS,
+OTEL_TRACES_SAMPLER, OTEL_BSP_*).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger(__name__)
+
+TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
+REQUEST_ID_ATTRIBUTE = "tei_manager.request_id"
+INSTANCE_ATTRIBUTE = "tei_manager.instance"
+PROPAGATOR = TraceContextTextMapPropagator()
+
+_provider: TracerProvider | None = None
+_tracer: trace.Tracer | None = None
+
+
+def configure(
+    service: str,
+    endpoint: str = "",
+    *,
+    exporter: SpanExporter | None = None,
+    batch: bool = True,
+) -> bool:
+    """Start exporting this process's spans: to OTLP/HTTP at `endpoint` (the base URL, as
+    OTEL_EXPORTER_OTLP_ENDPOINT gives it), or to `exporter`. False (tracing stays off)
+    when neither is given."""
+    global _provider, _tracer
+    if exporter is None:
+        if not endpoint:
+            return False
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=traces_url(endpoint))
+    shutdown()
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}))
+    processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    _provider, _tracer = provider, provider.get_tracer("tei-manager")
+    return True
+
+
+def shutdown() -> None:
+    """Export what is buffered and stop (a process on its way out, a test done)."""
+    global _provider, _tracer
+    provider, _provider, _tracer = _provider, None, None
+    if provider is not None:
+        provider.shutdown()
+
+
+def flush(timeout_ms: int = 5000) -> None:
+    if _provider is not None:
+        _provider.force_flush(timeout_ms)
+
+
+def tracer() -> trace.Tracer | None:
+    """The tracer, or None when tracing is off."""
+    return _tracer
+
+
+def traces_url(endpoint: str) -> str:
+    """OTLP/HTTP's traces path under the base endpoint, as the SDK itself derives it."""
+    return endpoint.rstrip("/") + "/v1/traces"
+
+
+@contextmanager
+def span(
+    name: str,
+    *,
+    parent: Mapping[str, Any] | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+) -> Iterator[trace.Span | None]:
+    """A span made current for the block (None when tracing is off), child of `parent`
+    (a carrier with `traceparent`) or of the current span. It names the request id."""
+    if _tracer is None:
+        yield None
+        return
+    from telemetry.logs import REQUEST_ID
+
+    context = PROPAGATOR.extract(parent) if parent else None
+    with _tracer.start_as_current_span(
+        name, context=context, kind=kind, attributes=attributes
+    ) as current:
+        request_id = REQUEST_ID.get()
+        if request_id:
+            current.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
+        yield current
+
+
+def carrier() -> dict[str, str]:
+    """The current span's context as W3C headers; {} when there is none."""
+    if _tracer is None:
+        return {}
+    headers: dict[str, str] = {}
+    PROPAGATOR.inject(headers)
+    return headers
+
+
+def current_ids() -> tuple[str | None, str | None]:
+    """(trace_id, span_id) of the current span, in hex; (None, None) without one."""
+    if _tracer is None:
+        return None, None
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None, None
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+
+def traceparent_of(span: trace.Span) -> str:
+    """`span`'s context as a W3C traceparent value."""
+    context = span.get_span_context()
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+
+
+def extract(headers: Mapping[str, Any]) -> otel_context.Context:
+    return PROPAGATOR.extract(headers)
