@@ -21,12 +21,6 @@
         failed: "#c53030",
     };
 
-    if (document.readyState === "loading") {
-        document.addEventListener("DOMContentLoaded", start);
-    } else {
-        start();
-    }
-
     function start() {
         if (typeof uPlot === "undefined") {
             return;
@@ -152,8 +146,12 @@
                 {
                     stroke: "#888",
                     grid: { stroke: "rgba(128,128,128,0.15)" },
-                    size: 56,
-                    values: function (u, ticks) { return ticks.map(function (v) { return number(v) + (unit && unit !== "/s" ? " " + unit : ""); }); },
+                    size: 60,
+                    values: function (u, ticks, axis, space, increment) {
+                        const decimals = Math.max(0, Math.min(3, -Math.floor(Math.log10(increment || 1))));
+                        const suffix = unit && unit !== "/s" ? " " + unit : "";
+                        return ticks.map(function (v) { return v.toFixed(decimals) + suffix; });
+                    },
                 },
             ],
             series: [{}].concat(chart.series.map(function (s, index) {
@@ -164,10 +162,25 @@
                     width: 1.5,
                     fill: index === 0 && chart.series.length <= 2 ? colour + "22" : undefined,
                     spanGaps: false,
+                    // A value between two gaps is a dot: a line needs two points.
+                    points: { show: true, size: 5, filter: isolated },
                     value: function (u, v) { return v === null || v === undefined ? "—" : number(v) + (unit ? " " + unit : ""); },
                 };
             })),
         };
+    }
+
+    function isolated(u, seriesIndex) {
+        const values = u.data[seriesIndex];
+        const found = [];
+        for (let i = 0; i < values.length; i++) {
+            const before = i === 0 ? null : values[i - 1];
+            const after = i === values.length - 1 ? null : values[i + 1];
+            if (values[i] !== null && before === null && after === null) {
+                found.push(i);
+            }
+        }
+        return found;
     }
 
     function number(v) {
@@ -188,5 +201,12 @@
             return v.toFixed(1);
         }
         return v.toFixed(2);
+    }
+
+    // Last: the prototype methods above must exist before the first panel refreshes.
+    if (document.readyState === "loading") {
+        document.addEventListener("DOMContentLoaded", start);
+    } else {
+        start();
     }
 })();
