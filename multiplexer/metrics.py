@@ -65,6 +65,12 @@ QUEUE_REFUSED = Counter(
     ["instance", "reason"],
 )
 
+TOKENS = Counter(
+    "tei_manager_multiplexer_tokens_total",
+    "Tokens the instances reported computing (tei.v1 Metadata.compute_tokens), gRPC and HTTP; "
+    "added once per traffic roll-up (every 10 s), not per call.",
+    ["instance"],
+)
 ROLLUP_DURATION = Histogram(
     "tei_manager_multiplexer_rollup_duration_seconds",
     "Time one traffic roll-up took: collecting the windows and writing their rows.",
@@ -129,6 +135,10 @@ def queue_wait(instance: str, seconds: float) -> None:
 
 def refused(instance: str, reason: str) -> None:
     QUEUE_REFUSED.labels(instance, reason).inc()
+
+
+def tokens_reported(instance: str, tokens: int) -> None:
+    TOKENS.labels(instance).inc(tokens)
 
 
 def rollup_done(seconds: float, rows: int) -> None:

@@ -51,7 +51,11 @@ class Rollup:
         at = int(now // self.interval * self.interval) if self.interval >= 1 else int(now)
         self._next = self._boundary_after(now)
         snapshot = self.collect()
-        written = series.record_traffic(at, self.source, samples(snapshot, table))
+        rows = samples(snapshot, table)
+        written = series.record_traffic(at, self.source, rows)
+        for row in rows:
+            if row.tokens:
+                metrics.tokens_reported(row.instance, row.tokens)
         if now >= self._next_prune:
             series.prune(TrafficSample, now)
             self._next_prune = now + self.prune_every
