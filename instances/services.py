@@ -55,6 +55,7 @@ def create_instance(**fields: Any) -> Instance:
             if Instance.objects.filter(name=fields.get("name")).exists():
                 raise InstanceExists(f"instance '{fields.get('name')}' already exists") from None
             raise PortConflict("port was taken by a concurrent create; try again") from None
+        log.info("instance %s: created (%s), its launch enqueued", instance.name, instance.model_id)
         return instance
 
 
