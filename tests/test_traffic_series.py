@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from tei.v1 import tei_pb2
 
 from multiplexer.rollup import Rollup, samples
@@ -17,6 +18,7 @@ from telemetry.models import GpuSample, StatusSample, TrafficSample
 
 NOW = 1_800_000_000.0  # a whole multiple of 300: the 24-hour steps line up with it
 FIFTEEN, DAY = series.WINDOWS["15m"], series.WINDOWS["24h"]
+TOKENS = "tei_manager_multiplexer_tokens_total"
 
 
 def route(name: str, status: str = "running") -> Route:
@@ -146,8 +148,9 @@ def test_the_roll_up_writes_one_batch_per_window_stamped_with_its_end() -> None:
         return taken[-1]
 
     rollup = Rollup(collect, "node-1", interval=10)
+    tokens_before = REGISTRY.get_sample_value(TOKENS, {"instance": "a"}) or 0
     for _ in range(40):
-        traffic.record("a", False, 0.003)
+        traffic.record("a", False, 0.003, tokens=7)
     assert rollup.run(table, now=NOW + 3.2) == 2
     traffic.record("b", True, 0.5)
     assert rollup.run(table, now=NOW + 13.9) == 2
@@ -160,6 +163,8 @@ def test_the_roll_up_writes_one_batch_per_window_stamped_with_its_end() -> None:
         (NOW + 10, "b", "node-1", 1, 1),
     ]
     assert len(taken) == 2  # one collection per window, whatever the number of calls
+    # Prometheus gets the tokens once per window too, not once per call.
+    assert REGISTRY.get_sample_value(TOKENS, {"instance": "a"}) == tokens_before + 280
 
 
 @pytest.mark.django_db
