@@ -14,6 +14,9 @@ choose, so a stream gets the client's deadline, and `grpc_request_timeout_secs` 
 long the instance may stay silent while it owes an answer (a request of a bidirectional
 stream not yet answered, or the single answer of a client stream the client has closed):
 an instance that makes progress, or a client that pauses, never trips it.
+
+Every call ends in `_finish`: Prometheus, the traffic window (with the tokens the
+instance's replies report) and, with tracing on, the hop's span (multiplexer/tracing.py).
 """
 
 from __future__ import annotations
