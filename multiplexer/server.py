@@ -114,8 +114,8 @@ class MultiplexerServer:
         self.refresher = RoutingRefresher(
             self.router, options.refresh_interval_secs, on_change=self._table_changed, rollup=rollup
         )
-        tracer = tracing.tracer()
-        self.hops = None if tracer is None else HopTracer(tracer)
+        recorder = tracing.recorder()
+        self.hops = None if recorder is None else HopTracer(recorder)
         self.health = HealthServicer()
         self.port = 0
         self.http_port: int | None = None

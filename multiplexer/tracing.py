@@ -4,18 +4,24 @@ the client's `traceparent`, and the context the instance gets in its place.
 With tracing off the Forwarder and the HTTP server hold no HopTracer and none of this
 runs: the client's `traceparent` and `tracestate` reach the instance as they came (gRPC
 metadata is passed on whole; HTTP passes those headers on as metadata). With tracing on
-the instance gets the hop span's `traceparent` instead, so its own spans hang under the
-multiplexer's. The span is never made current (no context attach and detach per call):
-it is handed along explicitly and ended with the call's outcome.
+the instance gets the hop's `traceparent` instead, so its own spans hang under the
+multiplexer's. The hop follows the client's sampled flag (a call without a traceparent
+starts a sampled trace), as the SDK's default sampler does.
+
+The event loop pays for a span only what it must: the parent's parse, two random ids, two
+clock reads and one tuple appended when the call ends; telemetry/tracing.py's
+SpanRecorder builds the SDK span on its own thread. The span carries the instance, the
+status and the request id; service, method and route are in its name.
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterable
 from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from telemetry.logs import REQUEST_ID_HEADER
 from telemetry.tracing import (
@@ -23,27 +29,63 @@ from telemetry.tracing import (
     REQUEST_ID_ATTRIBUTE,
     TRACEPARENT,
     TRACESTATE,
-    extract,
-    traceparent_of,
+    SpanRecorder,
+    remote_parent,
 )
 
 SERVICE = "tei_multiplexer.v1.TeiMultiplexer"
 TRACE_HEADERS = (TRACEPARENT, TRACESTATE)
+SAMPLED = 0x01
 Metadata = tuple[tuple[str, str | bytes], ...]
+
+_random = random.Random()  # the SDK's ids come from `random` too (RandomIdGenerator)
 
 
 class Hop:
-    """One call's span and the W3C headers the instance gets for it."""
+    """One call's span, as it goes: its ids, its start, and the W3C headers the instance
+    gets for it."""
 
-    __slots__ = ("outgoing", "span")
+    __slots__ = (
+        "attributes",
+        "flags",
+        "kind",
+        "name",
+        "outgoing",
+        "parent",
+        "recorder",
+        "span_id",
+        "start",
+        "state",
+        "trace_id",
+    )
 
-    def __init__(self, span: trace.Span) -> None:
-        self.span = span
-        outgoing: list[tuple[str, str | bytes]] = [(TRACEPARENT, traceparent_of(span))]
-        state = span.get_span_context().trace_state
-        if state:
-            outgoing.append((TRACESTATE, state.to_header()))
-        self.outgoing: Metadata = tuple(outgoing)
+    def __init__(
+        self,
+        recorder: SpanRecorder,
+        name: str,
+        headers: dict[str, str],
+        attributes: dict[str, Any],
+    ) -> None:
+        self.recorder, self.name, self.kind = recorder, name, SpanKind.SERVER
+        self.attributes = attributes
+        parent = remote_parent(headers) if TRACEPARENT in headers else None
+        if parent is None:
+            self.trace_id, self.flags, self.state = _random.getrandbits(128) or 1, SAMPLED, None
+        else:
+            self.trace_id, self.flags, self.state = (
+                parent.trace_id,
+                int(parent.trace_flags),
+                parent.trace_state or None,
+            )
+        self.parent = parent
+        self.span_id = _random.getrandbits(64) or 1
+        traceparent = f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.flags:02x}"
+        self.outgoing: Metadata = (
+            ((TRACEPARENT, traceparent),)
+            if self.state is None
+            else ((TRACEPARENT, traceparent), (TRACESTATE, self.state.to_header()))
+        )
+        self.start = time.time_ns()
 
     def forwarded(self, metadata: Iterable[tuple[str, Any]] | None) -> Metadata:
         """`metadata` with the client's trace headers replaced by this hop's."""
@@ -51,52 +93,52 @@ class Hop:
         return kept + self.outgoing
 
     def end_grpc(self, instance: str, code: Any, message: str = "") -> None:
-        span = self.span
         number = code.value[0]
-        span.set_attributes({INSTANCE_ATTRIBUTE: instance, "rpc.grpc.status_code": number})
-        if number != 0:
-            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"[:256]))
-        span.end()
+        error = None if number == 0 else f"{code.name}: {message}"[:256]
+        self._end({INSTANCE_ATTRIBUTE: instance, "rpc.grpc.status_code": number}, error)
 
     def end_http(self, instance: str, status: int) -> None:
-        span = self.span
-        span.set_attributes({INSTANCE_ATTRIBUTE: instance, "http.response.status_code": status})
-        if status >= 500:
-            span.set_status(Status(StatusCode.ERROR))
-        span.end()
+        error = f"HTTP {status}" if status >= 500 else None
+        self._end({INSTANCE_ATTRIBUTE: instance, "http.response.status_code": status}, error)
+
+    def _end(self, attributes: dict[str, Any], error: str | None) -> None:
+        if not self.flags & SAMPLED:
+            return  # the client's trace is not sampled: nothing to export
+        attributes.update(self.attributes)
+        self.recorder.record(
+            (
+                self.name,
+                self.kind,
+                self.trace_id,
+                self.span_id,
+                self.flags,
+                self.state,
+                self.parent,
+                self.start,
+                time.time_ns(),
+                attributes,
+                error,
+            )
+        )
 
 
 class HopTracer:
-    def __init__(self, tracer: trace.Tracer) -> None:
-        self.tracer = tracer
+    def __init__(self, recorder: SpanRecorder) -> None:
+        self.recorder = recorder
 
     def grpc(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> Hop:
         """The span of a TeiMultiplexer call, child of the client's traceparent if any."""
         headers = _trace_headers(metadata)
-        # Service and method are in the span's name: each attribute costs the SDK several
-        # microseconds to check, so the span carries only what the name cannot.
         request_id = headers.get(REQUEST_ID_HEADER)
-        attributes = {REQUEST_ID_ATTRIBUTE: request_id} if request_id else None
-        span = self.tracer.start_span(
-            f"{SERVICE}/{method}",
-            context=extract(headers) if TRACEPARENT in headers else None,
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-        )
-        return Hop(span)
+        attributes = {REQUEST_ID_ATTRIBUTE: request_id} if request_id else {}
+        return Hop(self.recorder, f"{SERVICE}/{method}", headers, attributes)
 
     def http(self, method: str, route: str, headers: Any, request_id: str | None) -> Hop:
         """The span of an HTTP request (`headers`: the request's, case-insensitive), named
         for its route as OpenTelemetry's HTTP conventions say."""
         carrier = {name: headers[name] for name in TRACE_HEADERS if name in headers}
-        attributes = {REQUEST_ID_ATTRIBUTE: request_id} if request_id else None
-        span = self.tracer.start_span(
-            f"{method} {route}",
-            context=extract(carrier) if TRACEPARENT in carrier else None,
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-        )
-        return Hop(span)
+        attributes = {REQUEST_ID_ATTRIBUTE: request_id} if request_id else {}
+        return Hop(self.recorder, f"{method} {route}", carrier, attributes)
 
 
 def _trace_headers(metadata: Iterable[tuple[str, Any]] | None) -> dict[str, str]:

@@ -109,6 +109,12 @@ def traced(
     yield from serve(instance)
 
 
+def finished(spans: InMemorySpanExporter) -> Any:
+    """The spans ended so far (the hops' are built off the event loop: build them now)."""
+    tracing.flush()
+    return spans.get_finished_spans()
+
+
 def stub(background: BackgroundMultiplexer) -> Any:
     assert background.server is not None
     channel = grpc.insecure_channel(f"127.0.0.1:{background.server.port}")
@@ -178,7 +184,7 @@ def test_a_grpc_call_is_a_server_span_under_the_client_s_and_over_the_instance_s
 ) -> None:
     instance.seen.clear()
     stub(traced).Embed(embed(), metadata=CLIENT)
-    [span] = spans.get_finished_spans()
+    [span] = finished(spans)
     context = span.get_span_context()
     assert span.name == "tei_multiplexer.v1.TeiMultiplexer/Embed"
     assert span.kind == SpanKind.SERVER
@@ -200,7 +206,7 @@ def test_failed_and_untraced_calls_and_streams_get_spans_too(
     error = rpc_error(lambda: stub(traced).Embed(embed("")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     list(stub(traced).EmbedStream(iter([embed("a"), embed("b"), embed("c")])))
-    failed, streamed = spans.get_finished_spans()
+    failed, streamed = finished(spans)
     assert failed.status.status_code == StatusCode.ERROR
     assert failed.parent is None  # no traceparent from the client: a new trace
     assert (
@@ -215,7 +221,7 @@ def test_an_http_request_is_a_span_named_for_its_route(
     headers = {"traceparent": TRACEPARENT, "X-Request-ID": "req-http"}
     reply = request(f"{http_base(traced)}/embed", {"inputs": "hello"}, headers=headers)
     assert reply.status == 200
-    [span] = spans.get_finished_spans()
+    [span] = finished(spans)
     context = span.get_span_context()
     assert span.name == "POST /instances/{name}/embed"
     assert span.parent is not None and f"{span.parent.span_id:016x}" == CLIENT_SPAN
@@ -240,7 +246,7 @@ def test_create_is_a_span_with_the_request_id_and_its_launch_message_carries_it(
                 propagation.carry_context(headers=headers)
     finally:
         REQUEST_ID.reset(token)
-    by_name = {span.name: span for span in spans.get_finished_spans()}
+    by_name = {span.name: span for span in finished(spans)}
     create = by_name["instance.create"]
     assert create.attributes is not None
     assert create.attributes["tei_manager.request_id"] == "req-create"
@@ -263,7 +269,7 @@ def test_a_repair_is_a_span_and_the_relaunch_it_asks_for_carries_its_context(
     )  # fmt: skip
     [work] = supervisor.reconcile_instance(row, alive=False, healthy=False)
     assert work.action == supervisor.LAUNCH
-    [repair] = spans.get_finished_spans()
+    [repair] = finished(spans)
     assert repair.name == "instance.repair" and repair.attributes is not None
     assert repair.attributes["tei_manager.instance"] == "dying"
     assert "exited" in str(repair.attributes["tei_manager.reason"])
@@ -290,3 +296,21 @@ def test_a_task_takes_the_request_id_its_message_carried() -> None:
     assert REQUEST_ID.get() == "task-2"
     propagation.forget_request_id()
     assert REQUEST_ID.get() is None
+
+
+def test_a_call_the_client_does_not_sample_is_passed_on_unsampled_and_not_exported(
+    traced: BackgroundMultiplexer, instance: RecordingInstance, spans: InMemorySpanExporter
+) -> None:
+    unsampled = f"00-{TRACE_ID}-{CLIENT_SPAN}-00"
+    stub(traced).Embed(embed(), metadata=(("traceparent", unsampled),))
+    assert finished(spans) == ()
+    forwarded = instance.seen[-1]["traceparent"]
+    assert forwarded.startswith(f"00-{TRACE_ID}-") and forwarded.endswith("-00")
+    assert forwarded != unsampled  # the hop is the instance's parent all the same
+
+
+def test_the_recorder_exports_the_hops_on_its_own(
+    traced: BackgroundMultiplexer, spans: InMemorySpanExporter
+) -> None:
+    stub(traced).Embed(embed(), metadata=CLIENT)
+    wait_until(lambda: len(spans.get_finished_spans()) == 1, 10, "the hop exported unasked")

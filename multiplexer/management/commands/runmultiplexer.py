@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from typing import Any
@@ -129,6 +130,9 @@ class Command(BaseCommand):
             raise CommandError(
                 f"cannot listen on {options['host']}:{server_options.port}: {exc}"
             ) from None
+        # What start-up loaded lives as long as the process: out of the collector's full
+        # passes, which every call's garbage (and every span's, with tracing on) triggers.
+        gc.freeze()
         scheme = "mTLS" if server_options.mtls.enabled else "plaintext"
         loop_kind = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
         traced = "on" if tracing.tracer() is not None else "off"
