@@ -8,6 +8,7 @@ The tick only decides: the launches, stops and kills it asks for are enqueued he
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -138,9 +139,27 @@ def restore_instances(**kwargs: Any) -> None:
         enqueue(kill_orphan, node, [pk])
 
 
+# Set once this worker is asked to stop (SIGTERM, SIGINT, SIGQUIT): only then does it stop
+# its instances. A worker that ends on an error (celery's "Unrecoverable error", which a
+# Redis restart can cause) was not asked: as after a SIGKILL, its instances keep serving
+# and the worker started next adopts them.
+_STOP_ASKED = threading.Event()
+
+
 @signals.worker_shutting_down.connect
+def stop_instances_when_asked(**kwargs: Any) -> None:
+    _STOP_ASKED.set()
+    _stop_instances()
+
+
 @signals.worker_shutdown.connect
-def stop_instances(**kwargs: Any) -> None:
+def stop_instances_left(**kwargs: Any) -> None:
+    # Once more once the pool has stopped: a launch running at the signal may have spawned.
+    if _STOP_ASKED.is_set():
+        _stop_instances()
+
+
+def _stop_instances() -> None:
     if settings.STOP_INSTANCES_ON_EXIT:
         # Fast: honcho and systemd kill a worker that takes long to exit.
         grace = min(float(settings.TEI.graceful_shutdown_timeout_secs), 3.0)

@@ -32,10 +32,8 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +44,7 @@ from django.conf import settings
 
 from teimanager.celery import app as celery_app
 from teimanager.config import load_config
+from tests.stack import CeleryWorker, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SESSION_ID = uuid.uuid4().hex[:8]
@@ -139,80 +138,14 @@ def api() -> Any:
     return APIClient()
 
 
-class Worker:
-    """A `celery worker -B` subprocess serving one node."""
+class Worker(CeleryWorker):
+    """A `celery worker -B` subprocess serving one node of this test session."""
 
     def __init__(self, node: str, env: dict[str, str], name: str) -> None:
-        self.node = node
-        self.log_file = SESSION_DIR / f"worker-{name}.log"
-        self.env = {**os.environ, **TEST_ENV, "TEI_MANAGER_NODE": node, **env}
-        self.env.pop("DATABASE_URL", None)
-        self.schedule = SESSION_DIR / f"beat-{name}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60) -> Worker:
-        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "teimanager",
-                    "worker",
-                    "-B",
-                    "--schedule",
-                    str(self.schedule),
-                    "--pool",
-                    "prefork",
-                    "--concurrency",
-                    "2",
-                    "--without-mingle",
-                    "--without-gossip",
-                    "--without-heartbeat",
-                    "--loglevel",
-                    "INFO",
-                    "--hostname",
-                    f"{self.node}@%h",
-                ],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_file.read_bytes()[offset:].decode(errors="replace")
-            if " ready." in text:
-                return self
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"celery worker did not start:\n{self.log_text()[-4000:]}")
-
-    def stop(self, timeout: float = 20) -> None:
-        """Warm shutdown (SIGTERM), like Ctrl-C on `make run`."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def kill(self) -> None:
-        """A crash: SIGKILL the worker and its pool (instances live in their own sessions)."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def log_text(self) -> str:
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+        full_env = {**os.environ, **TEST_ENV, "TEI_MANAGER_NODE": node, **env}
+        full_env.pop("DATABASE_URL", None)
+        log_file = SESSION_DIR / f"worker-{name}.log"
+        super().__init__(node, full_env, log_file, schedule=SESSION_DIR / f"beat-{name}")
 
 
 @pytest.fixture(scope="session")
@@ -273,17 +206,6 @@ def kill_all_instances() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
     Instance.objects.all().delete()
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 60, message: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
-        time.sleep(0.1)
 
 
 def wait_for_status(name: str, *statuses: str, timeout: float = 90) -> Any:

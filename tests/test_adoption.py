@@ -10,10 +10,12 @@ import signal
 from typing import Any
 
 import pytest
+from celery import signals
 
 from instances import process, services, supervisor
 from instances.models import DesiredState, Instance, Status
 from tests.conftest import FAKE_TEI, SESSION_ID, wait_for_new_process, wait_for_status, wait_until
+from tests.localtei_fixtures import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -51,6 +53,36 @@ def test_it_adopts_live_instances_and_restores_dead_ones(start_worker: Any, sett
         assert (row.status, row.pid, row.desired_state) == (Status.STOPPED, None, "running")
 
 
+def test_a_worker_that_dies_of_an_error_leaves_its_instances_serving(settings: Any) -> None:
+    """A worker that ends on an unrecoverable error (celery/kombu can, when Redis restarts
+    under it) was not asked to stop: as after a crash, its instances keep serving for the
+    next worker to adopt. One asked to stop (SIGTERM, Ctrl-C) stops them."""
+    settings.NODE_NAME = f"erring-{SESSION_ID}"
+    settings.TEI = dataclasses.replace(settings.TEI, tei_binary_path=str(FAKE_TEI))
+    row = Instance.objects.create(
+        name="serving", model_id="fake/serving", port=free_port(), prometheus_port=free_port(),
+        node=settings.NODE_NAME,
+    )  # fmt: skip
+    supervisor.launch(row.pk)
+    row.refresh_from_db()
+    try:
+        assert process.is_alive(row.pid, row.process_started_at)
+        # What celery sends when its consumer raises: "Unrecoverable error", exit status 1.
+        signals.worker_shutdown.send(sender=ExitingWorker(exitcode=1))
+        assert process.is_alive(row.pid, row.process_started_at)
+        assert Instance.objects.get(pk=row.pk).pid == row.pid
+        # What it sends on SIGTERM, before it shuts down (and worker_shutdown after).
+        signals.worker_shutting_down.send(sender="w@h", sig="SIGTERM", how="Warm", exitcode=0)
+        signals.worker_shutdown.send(sender=ExitingWorker(exitcode=0))
+        assert not process.is_alive(row.pid, row.process_started_at)
+        stopped = Instance.objects.get(pk=row.pk)
+        assert (stopped.status, stopped.pid, stopped.desired_state) == (
+            Status.STOPPED, None, DesiredState.RUNNING
+        )  # fmt: skip
+    finally:
+        process.terminate(row.pid, row.process_started_at, 5)
+
+
 def test_it_parks_dead_instances_when_auto_restore_is_off(db: None, settings: Any) -> None:
     settings.TEI = dataclasses.replace(settings.TEI, auto_restore_on_restart=False)
     instance = _dead_instance(settings.NODE_NAME)
@@ -80,6 +112,13 @@ def test_it_does_not_take_a_reused_pid_for_the_instance(db: None, settings: Any)
         process_started_at=1.0,
     )
     assert supervisor.restore_node(settings.NODE_NAME) == [instance.pk]
+
+
+class ExitingWorker:
+    """The sender of worker_shutdown: celery's WorkController, with its exit status."""
+
+    def __init__(self, exitcode: int) -> None:
+        self.exitcode = exitcode
 
 
 def _dead_instance(node: str) -> Instance:

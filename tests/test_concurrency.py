@@ -3,7 +3,6 @@ no 500 and no "database is locked"."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import threading
@@ -19,6 +18,7 @@ import pytest
 
 from instances.models import Instance
 from tests.conftest import SESSION_ID
+from tests.stack import instance_processes, listener
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -138,26 +138,6 @@ def test_racing_restarts_leave_exactly_one_tracked_process(
     final = Instance.objects.get(name="restarted")
     assert (final.status, final.pid) == (Status.RUNNING, row.pid)
     assert instance_processes(port) == {row.pid} and listener(port) == row.pid
-
-
-def instance_processes(port: int) -> set[int]:
-    """Live localtei processes serving `port` on this host."""
-    found = set()
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = proc.info["cmdline"] or []
-        if proc.info["status"] == psutil.STATUS_ZOMBIE or cmdline[1:3] != ["-m", "localtei"]:
-            continue
-        if any(pair == ("--port", str(port)) for pair in itertools.pairwise(cmdline)):
-            found.add(proc.pid)
-    return found
-
-
-def listener(port: int) -> int | None:
-    """The pid listening on `port`, if any."""
-    for conn in psutil.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-            return conn.pid
-    return None
 
 
 def test_a_restart_counts_only_a_process_that_ran(nowhere: None, settings: Any) -> None:

@@ -85,9 +85,13 @@ def embedding(server: LocalTEI, text: str, **fields: Any) -> np.ndarray:
 
 
 def test_huggingface_s_inference_client_works_unchanged(
-    base: str, servers: dict[str, LocalTEI]
+    base: str, servers: dict[str, LocalTEI], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from huggingface_hub import InferenceClient
+    from huggingface_hub import InferenceClient, constants
+
+    # The suite runs with HF_HUB_OFFLINE=1 (no hub downloads); this client talks to the
+    # multiplexer on loopback, which offline mode would refuse as well.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
     client = InferenceClient(model=f"{base}/instances/minilm")
     got = client.feature_extraction("The quick brown fox")

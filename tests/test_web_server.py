@@ -55,7 +55,8 @@ def test_health_answers_while_slow_clients_dribble_their_headers(web: LiveWeb) -
         time.sleep(1.5)  # every slow client is connected and mid-headers
         for _ in range(3):
             status, _, body = web.request("GET", "/health", timeout=5)
-            assert status == 200, body
+            # Its verdict: 503 here, where no beat or worker writes heartbeats.
+            assert status in (200, 503) and b'"heartbeats"' in body, body
     finally:
         stop.set()
         dribbler.join()
