@@ -46,6 +46,7 @@ PROPAGATOR = TraceContextTextMapPropagator()
 SCOPE = InstrumentationScope("tei-manager")
 
 _provider: TracerProvider | None = None
+_processor: SpanProcessor | None = None
 _tracer: trace.Tracer | None = None
 _recorder: SpanRecorder | None = None
 
@@ -60,7 +61,7 @@ def configure(
     """Start exporting this process's spans: to OTLP/HTTP at `endpoint` (the base URL, as
     OTEL_EXPORTER_OTLP_ENDPOINT gives it), or to `exporter`. False (tracing stays off)
     when neither is given."""
-    global _provider, _tracer, _recorder
+    global _provider, _processor, _tracer
     if exporter is None:
         if not endpoint:
             return False
@@ -71,16 +72,15 @@ def configure(
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}))
     processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
     provider.add_span_processor(processor)
-    _provider, _tracer = provider, provider.get_tracer("tei-manager")
-    _recorder = SpanRecorder(processor, provider.resource)
+    _provider, _processor, _tracer = provider, processor, provider.get_tracer("tei-manager")
     return True
 
 
 def shutdown() -> None:
     """Export what is buffered and stop (a process on its way out, a test done)."""
-    global _provider, _tracer, _recorder
+    global _provider, _processor, _tracer, _recorder
     provider, recorder = _provider, _recorder
-    _provider, _tracer, _recorder = None, None, None
+    _provider, _processor, _tracer, _recorder = None, None, None, None
     if recorder is not None:
         recorder.stop()
     if provider is not None:
@@ -96,7 +96,11 @@ def flush(timeout_ms: int = 5000) -> None:
 
 
 def recorder() -> SpanRecorder | None:
-    """Where the data plane records its hops, or None when tracing is off."""
+    """Where the data plane records its hops (started on first use: only the multiplexer
+    has hops), or None when tracing is off."""
+    global _recorder
+    if _recorder is None and _provider is not None and _processor is not None:
+        _recorder = SpanRecorder(_processor, _provider.resource)
     return _recorder
 
 
