@@ -26,6 +26,8 @@ from access import audit
 from access.audit import client_address
 from access.models import ActorKind
 from instances import errors, services
+from instances.admin_traffic import COLUMNS as TRAFFIC_COLUMNS
+from instances.admin_traffic import TrafficAdminMixin
 from instances.forms import InstanceCreateForm
 from instances.models import Instance
 from instances.templatetags.tei_admin import (
@@ -86,7 +88,7 @@ class GpuFilter(admin.SimpleListFilter):
 
 
 @admin.register(Instance)
-class InstanceAdmin(admin.ModelAdmin):
+class InstanceAdmin(TrafficAdminMixin, admin.ModelAdmin):
     list_display = [
         "name",
         "model_id",
@@ -94,6 +96,7 @@ class InstanceAdmin(admin.ModelAdmin):
         "gpu",
         "status_badge",
         "uptime",
+        *TRAFFIC_COLUMNS,
         "restarts_live",
         "health_failures_live",
         "last_error_short",
@@ -164,8 +167,12 @@ class InstanceAdmin(admin.ModelAdmin):
     change_form_template = "admin/instances/instance/change_form.html"
 
     class Media:
-        css = {"all": ["instances/admin.css"]}
-        js = ["instances/live.js"]
+        css = {"all": ["instances/vendor/uplot/uPlot.min.css", "instances/admin.css"]}
+        js = [
+            "instances/vendor/uplot/uPlot.iife.min.js",
+            "instances/charts.js",
+            "instances/live.js",
+        ]
 
     # -- permissions: configuration is read-only; operating needs the change permission --
 
@@ -181,6 +188,7 @@ class InstanceAdmin(admin.ModelAdmin):
         wrap = self.admin_site.admin_view
         extra = [
             path("dashboard/", wrap(self.dashboard_view), name="instances_instance_dashboard"),
+            *self.traffic_urls(),
         ]
         for verb in OPERATIONS:
             extra.append(
@@ -232,6 +240,7 @@ class InstanceAdmin(admin.ModelAdmin):
                 operations=[("start", "Start"), ("stop", "Stop"), ("restart", "Restart")],
                 live_api=f"{prefix}instances",
                 live_logs=f"{prefix}instances/{obj.name}/logs?start=-{LOG_TAIL_LINES}",
+                chart_panels=self.chart_panels(obj),
             )
         return super().change_view(request, object_id, form_url, context)
 
@@ -241,9 +250,13 @@ class InstanceAdmin(admin.ModelAdmin):
         context = {
             "title": "Instances",
             "live_api": f"{get_script_prefix()}instances",
+            "live_traffic": reverse("admin:instances_instance_traffic"),
             **(extra_context or {}),
         }
         return super().changelist_view(request, context)
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        return self.with_traffic(super().get_changelist_instance(request))
 
     def response_add(
         self, request: HttpRequest, obj: Instance, post_url_continue: str | None = None

@@ -1,4 +1,5 @@
-"""What the admin index shows: the fleet by status, the GPUs (NVML), the health of each part.
+"""What the admin index shows: the fleet by status and its calls per second, the GPUs
+(NVML), the health of each part. The fleet's charts come from telemetry/series.py.
 
 The health panel is /health's verdict (instances/health.py), plus a broker ping. Nothing
 here raises: a dead part is a red line on the dashboard, not a 500.
@@ -19,6 +20,7 @@ from django.utils.timesince import timesince
 from instances import gpu, health
 from instances.heartbeats import WORKER_PREFIX
 from instances.models import Instance, Status
+from telemetry import series
 
 PROBE_TIMEOUT_SECS = 0.5
 
@@ -64,6 +66,11 @@ def fleet_summary() -> list[StatusCount]:
     """Every status with its instance count, zeros included, in lifecycle order."""
     counts = dict(Instance.objects.values_list("status").annotate(n=Count("id")))
     return [StatusCount(value, label, counts.get(value, 0)) for value, label in Status.choices]
+
+
+def fleet_calls_per_sec() -> float | None:
+    """Calls per second over every instance, from the newest roll-up (None: none fresh)."""
+    return series.fleet_calls_per_sec()
 
 
 def gpu_panel() -> GpuPanel:

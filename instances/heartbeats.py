@@ -6,6 +6,9 @@
 - `reconcile` is written by the tick itself (supervisor.reconcile_node) and `multiplexer`
   by the multiplexer's routing refresher.
 
+The same worker thread samples its node's GPUs (NVML) every GPU_SAMPLE_SECS for the
+admin's fleet chart.
+
 Importable before Django is set up (teimanager/celery.py registers the bootstep): models
 are imported where they are used. A failed write is logged, never raised: a heartbeat must
 not stop the process it speaks for.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import bootsteps, signals
@@ -27,6 +31,7 @@ RECONCILE = "reconcile"
 MULTIPLEXER = "multiplexer"
 WORKER_PREFIX = "worker."
 WORKER_HEARTBEAT_SECS = 5.0
+GPU_SAMPLE_SECS = 10.0
 RECONCILE_TASK = "instances.tasks.reconcile"
 _NAME_LENGTH = 64  # Heartbeat.name's max_length
 
@@ -55,6 +60,20 @@ def record(name: str) -> bool:
     return True
 
 
+def sample_gpus(node: str) -> int:
+    """Write one sample per GPU of this host; the number written (0: no GPU, or the
+    database refused, which is logged)."""
+    from instances import gpu
+    from telemetry import series
+
+    try:
+        stats = gpu.stats()
+        return series.record_gpus(series.aligned(time.time()), node, stats) if stats else 0
+    except Exception as exc:
+        log.warning("cannot write the GPU samples: %s", exc)
+        return 0
+
+
 @signals.before_task_publish.connect
 def beat_sends_the_tick(sender: Any = None, **kwargs: Any) -> None:
     # Only beat sends the reconcile tick.
@@ -81,7 +100,7 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
 
         name = worker_name(settings.NODE_NAME)
         self._thread = threading.Thread(
-            target=self._run, args=(name,), name="worker-heartbeat", daemon=True
+            target=self._run, args=(name, settings.NODE_NAME), name="worker-heartbeat", daemon=True
         )
         self._thread.start()
 
@@ -90,12 +109,16 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def _run(self, name: str) -> None:
+    def _run(self, name: str, node: str) -> None:
         from django.db import connection
 
+        next_sample = 0.0
         try:
             while True:
                 record(name)
+                if time.monotonic() >= next_sample:
+                    sample_gpus(node)
+                    next_sample = time.monotonic() + GPU_SAMPLE_SECS - 1
                 # No connection held between beats: the pool forks while this runs.
                 connection.close()
                 if self._stop.wait(WORKER_HEARTBEAT_SECS):

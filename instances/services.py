@@ -28,6 +28,7 @@ from instances.errors import (
     ValidationFailed,
 )
 from instances.models import Counter, DesiredState, Instance, OrphanProcess, Status
+from telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,16 @@ _UNRECORDED = (InstanceNotFound,)
 
 
 def create_instance(actor: Actor = SYSTEM, **fields: Any) -> Instance:
-    """Save a new instance (ports allocated when not given) and enqueue its start."""
-    with audit.recording(actor, "create", SUBJECT, str(fields.get("name", ""))):
+    """Save a new instance (ports allocated when not given) and enqueue its start; the
+    launch task carries this span's trace context (telemetry/propagation.py)."""
+    attributes = {
+        tracing.INSTANCE_ATTRIBUTE: str(fields.get("name")),
+        "tei_manager.model_id": str(fields.get("model_id")),
+    }
+    with (
+        audit.recording(actor, "create", SUBJECT, str(fields.get("name", ""))),
+        tracing.span("instance.create", attributes=attributes),
+    ):
         try:
             with transaction.atomic():
                 instance = _insert(fields)
@@ -59,7 +68,8 @@ def create_instance(actor: Actor = SYSTEM, **fields: Any) -> Instance:
             if Instance.objects.filter(name=fields.get("name")).exists():
                 raise InstanceExists(f"instance '{fields.get('name')}' already exists") from None
             raise PortConflict("port was taken by a concurrent create; try again") from None
-    return instance
+        log.info("instance %s: created (%s), its launch enqueued", instance.name, instance.model_id)
+        return instance
 
 
 def start_instance(name: str, actor: Actor = SYSTEM) -> Instance:

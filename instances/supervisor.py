@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -30,6 +30,7 @@ from django.utils import timezone
 from instances import logs, process
 from instances.launch import LaunchContractError, binary_command
 from instances.models import DesiredState, Heartbeat, Instance, OrphanProcess, Status
+from telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,12 @@ LAUNCH, STOP, KILL_ORPHAN, WATCH = "launch", "stop", "kill_orphan", "watch"
 
 @dataclass(frozen=True)
 class Work:
-    """A task to enqueue: `action` (LAUNCH, STOP, KILL_ORPHAN, WATCH) on the row `pk`."""
+    """A task to enqueue: `action` (LAUNCH, STOP, KILL_ORPHAN, WATCH) on the row `pk`;
+    `trace`: the W3C context of the decision (a repair's span), carried by the task."""
 
     action: str
     pk: int
+    trace: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
 
 def launch(pk: int) -> None:
@@ -401,17 +404,20 @@ def _restart(instance: Instance, reason: str, delay: float, failed_starts: int =
     terminates it at once, and starts the new process once `delay` has passed."""
     log.warning("instance %s: restarting in %ss: %s", instance.name, delay, reason)
     next_at = timezone.now() + timedelta(seconds=delay) if delay else None
-    moved = instance.transition(
-        [instance.status],
-        Status.PENDING,
-        same_process=True,
-        restarts=F("restarts") + 1,
-        failed_starts=failed_starts,
-        health_check_failures=0,
-        next_restart_at=next_at,
-        last_error=reason,
-    )
-    return [Work(LAUNCH, instance.pk)] if moved else []
+    attributes = {tracing.INSTANCE_ATTRIBUTE: instance.name, "tei_manager.reason": reason}
+    with tracing.span("instance.repair", attributes=attributes):
+        moved = instance.transition(
+            [instance.status],
+            Status.PENDING,
+            same_process=True,
+            restarts=F("restarts") + 1,
+            failed_starts=failed_starts,
+            health_check_failures=0,
+            next_restart_at=next_at,
+            last_error=reason,
+        )
+        trace = tuple(tracing.carrier().items())
+    return [Work(LAUNCH, instance.pk, trace)] if moved else []
 
 
 def _record_orphan(instance: Instance, pid: int | None, started_at: float | None) -> OrphanProcess:

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import shared_task, signals
 from django.conf import settings
+from django.db.models import Count
 
 from instances import process, supervisor
-from instances.models import Instance, OrphanProcess
+from instances.models import Instance, OrphanProcess, Status
+from telemetry import propagation, series, tracing
+from telemetry.models import GpuSample, StatusSample
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +31,14 @@ WATCH_START_FIRST_SECS, WATCH_START_MAX_SECS = 0.25, 1.0
 
 @shared_task(name="instances.tasks.launch_instance", ignore_result=True)
 def launch_instance(pk: int) -> None:
-    supervisor.launch(pk)
-    _watch_again(pk, WATCH_START_FIRST_SECS)
+    # A child of the create, start or repair that asked for it, when tracing is on.
+    parent = propagation.task_trace(launch_instance.request)
+    with tracing.span("instance.launch", parent=parent) as span:
+        if span is not None:
+            name = Instance.objects.filter(pk=pk).values_list("name", flat=True).first()
+            span.set_attribute(tracing.INSTANCE_ATTRIBUTE, name or f"#{pk}")
+        supervisor.launch(pk)
+        _watch_again(pk, WATCH_START_FIRST_SECS)
 
 
 @shared_task(name="instances.tasks.watch_start", ignore_result=True)
@@ -68,6 +78,17 @@ def reconcile_node(node: str) -> None:
     dispatch(node, supervisor.reconcile_node(node))
 
 
+@shared_task(name="instances.tasks.sample_fleet", ignore_result=True)
+def sample_fleet() -> None:
+    """Beat, every 10 s: how many instances are in each status (the admin's fleet chart);
+    fleet samples past 24 hours go."""
+    now = time.time()
+    counts = dict(Instance.objects.values_list("status").annotate(n=Count("id")))
+    series.record_statuses(series.aligned(now), {s: counts.get(s, 0) for s in Status.values})
+    series.prune(StatusSample, now)
+    series.prune(GpuSample, now)
+
+
 def dispatch(node: str, work: list[supervisor.Work]) -> None:
     """Enqueue the launches, stops and kills that supervisor asked for on `node`."""
     tasks = {
@@ -77,7 +98,7 @@ def dispatch(node: str, work: list[supervisor.Work]) -> None:
     }
     for item in work:
         if item.action in tasks:
-            enqueue(tasks[item.action], node, [item.pk])
+            enqueue(tasks[item.action], node, [item.pk], headers=dict(item.trace))
 
 
 def node_queue(node: str) -> str:

@@ -61,7 +61,7 @@ def process_share(limit: int, processes: int) -> int:
 class Gate:
     """One instance's slots and its queue of waiting calls."""
 
-    __slots__ = ("in_flight", "limit", "processes", "queue_size", "route", "waiters")
+    __slots__ = ("in_flight", "limit", "peak", "processes", "queue_size", "route", "waiters")
 
     def __init__(self, route: Route, queue_size: int, processes: int = 1) -> None:
         self.route = route
@@ -70,6 +70,7 @@ class Gate:
         self.queue_size = queue_size
         self.in_flight = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
+        self.peak = 0  # the longest queue since the traffic roll-up last looked
 
     @property
     def load(self) -> int:
@@ -89,7 +90,9 @@ class Gate:
             )
         waiter = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
-        metrics.queue_depth(name, len(self.waiters))
+        depth = len(self.waiters)
+        self.peak = max(self.peak, depth)
+        metrics.queue_depth(name, depth)
         queued = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):

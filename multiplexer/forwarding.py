@@ -19,6 +19,9 @@ Keys: each call's `authorization: Bearer <key>` (or `x-api-key`) passes the Keyr
 (multiplexer/keys.py) before anything else, and routes only to what the key may use. The
 client's credentials never reach the instance: it gets its own key, which only the
 manager knows; the rest of the client's metadata passes as it came.
+
+Every call ends in `_finish`: Prometheus, the traffic window (with the tokens the
+instance's replies report) and, with tracing on, the hop's span (multiplexer/tracing.py).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from multiplexer.channels import ChannelPool
 from multiplexer.keys import Keyring, bearer
 from multiplexer.metrics import UNROUTED, CallMetrics
 from multiplexer.routing import Route, Router, RoutingError
+from multiplexer.tracing import Hop, HopTracer
+from multiplexer.traffic import response_tokens
 from multiplexer.wire import Target, WireError, split_wrapper
 
 SERVICE_NAME = "tei_multiplexer.v1.TeiMultiplexer"
@@ -63,21 +68,37 @@ class ProxiedMethod:
     upstream_path: str
     client_streaming: bool
     server_streaming: bool
+    reports_tokens: bool = False  # its response carries tei.v1.Metadata as field 2
 
 
 def proxied_methods() -> list[ProxiedMethod]:
     """Each TeiMultiplexer method but the Arrow ones, with the tei.v1 method it calls."""
     upstream = {
-        method.name: f"/{service.full_name}/{method.name}"
+        method.name: method
         for service in tei_pb2.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }
     service = multiplexer_pb2.DESCRIPTOR.services_by_name["TeiMultiplexer"]
     return [
-        ProxiedMethod(m.name, upstream[m.name], m.client_streaming, m.server_streaming)
+        ProxiedMethod(
+            m.name,
+            f"/{upstream[m.name].containing_service.full_name}/{m.name}",
+            m.client_streaming,
+            m.server_streaming,
+            _has_metadata(upstream[m.name].output_type),
+        )
         for m in service.methods
         if m.name not in ARROW_METHODS
     ]
+
+
+def _has_metadata(message: Any) -> bool:
+    field = message.fields_by_number.get(2)
+    return (
+        field is not None
+        and field.message_type is not None
+        and (field.message_type.full_name == "tei.v1.Metadata")
+    )
 
 
 class Forwarder:
@@ -89,11 +110,13 @@ class Forwarder:
         request_timeout: float = 30.0,
         max_message_bytes: int = 64 * 1024 * 1024,
         keyring: Keyring | None = None,
+        hops: HopTracer | None = None,
     ) -> None:
         self.router = router
         self.keyring = keyring or Keyring()
         self.pool = pool
         self.metrics = metrics
+        self.hops = hops  # None: tracing is off
         self.request_timeout = request_timeout
         self.max_message_bytes = max_message_bytes
         self.calls = InstanceCalls(router, pool)
@@ -122,11 +145,12 @@ class Forwarder:
     # Forwarded calls ------------------------------------------------------------------
 
     def _unary_unary(self, method: ProxiedMethod) -> Handler:
-        name, path = method.name, method.upstream_path
+        name, path, tokens = method.name, method.upstream_path, method.reports_tokens
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
             instance, failure, response = UNROUTED, None, b""
+            hop = None if self.hops is None else self.hops.grpc(name, context.invocation_metadata())
             try:
                 presented, metadata = _client_metadata(context)
                 grant = self.keyring.check(presented)
@@ -139,24 +163,28 @@ class Forwarder:
                     response = await self.pool.unary_unary(route.address, path)(
                         inner,
                         timeout=timeout - (time.perf_counter() - started),
-                        metadata=_upstream(metadata, route),
+                        metadata=_upstream(metadata, route, hop),
                     )
                 finally:
                     self.router.release(route)
             except Exception as exc:
                 failure = _failure(context, exc)
-            return await self._finish(context, instance, name, started, failure, response)
+            count = response_tokens(response) if tokens and response else 0
+            return await self._finish(
+                context, instance, name, started, failure, response, hop, count
+            )
 
         return forward
 
     def _stream_unary(self, method: ProxiedMethod) -> Handler:
-        name, path = method.name, method.upstream_path
+        name, path, tokens = method.name, method.upstream_path, method.reports_tokens
 
         async def forward(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> bytes:
             started = time.perf_counter()
             instance, failure, response = UNROUTED, None, b""
+            hop = None if self.hops is None else self.hops.grpc(name, context.invocation_metadata())
             try:
                 presented, metadata = _client_metadata(context)
                 grant = self.keyring.check(presented)
@@ -176,7 +204,7 @@ class Forwarder:
                     call = self.pool.stream_unary(route.address, path)(
                         stream,
                         timeout=context.time_remaining(),
-                        metadata=_upstream(metadata, route),
+                        metadata=_upstream(metadata, route, hop),
                     )
                     response = await self._owed_answer(call, stream, route.name)
                 finally:
@@ -185,18 +213,22 @@ class Forwarder:
                     raise stream.bad
             except Exception as exc:
                 failure = _failure(context, exc)
-            return await self._finish(context, instance, name, started, failure, response)
+            count = response_tokens(response) if tokens and response else 0
+            return await self._finish(
+                context, instance, name, started, failure, response, hop, count
+            )
 
         return forward
 
     def _stream_stream(self, method: ProxiedMethod) -> Handler:
-        name, path = method.name, method.upstream_path
+        name, path, tokens = method.name, method.upstream_path, method.reports_tokens
 
         async def forward(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
             started = time.perf_counter()
-            instance, failure = UNROUTED, None
+            instance, failure, count = UNROUTED, None, 0
+            hop = None if self.hops is None else self.hops.grpc(name, context.invocation_metadata())
             stream: InnerStream | None = None
             call: grpc.aio.StreamStreamCall | None = None
             try:
@@ -215,12 +247,14 @@ class Forwarder:
                     call = self.pool.stream_stream(route.address, path)(
                         stream,
                         timeout=context.time_remaining(),
-                        metadata=_upstream(metadata, route),
+                        metadata=_upstream(metadata, route, hop),
                     )
                     while (
                         response := await self._owed_answer(call.read(), stream, instance)
                     ) is not grpc.aio.EOF:
                         stream.answered()
+                        if tokens:
+                            count += response_tokens(response)
                         yield response
                     if stream.bad is not None:
                         raise stream.bad
@@ -231,7 +265,7 @@ class Forwarder:
                     stream.slots.give_all()
                 if call is not None and not call.done():
                     call.cancel()
-            await self._finish(context, instance, name, started, failure, b"")
+            await self._finish(context, instance, name, started, failure, b"", hop, count)
 
         return forward
 
@@ -247,7 +281,12 @@ class Forwarder:
         self, kind: ArrowKind, request: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         started = time.perf_counter()
-        instance, failure, response = UNROUTED, None, b""
+        instance, failure, response, count = UNROUTED, None, b"", 0
+        hop = (
+            None
+            if self.hops is None
+            else self.hops.grpc(kind.method, context.invocation_metadata())
+        )
         try:
             presented, metadata = _client_metadata(context)
             grant = self.keyring.check(presented)
@@ -266,13 +305,16 @@ class Forwarder:
                     kind.upstream_path,
                     rows,
                     self._deadline(context),
-                    _upstream(metadata, route),
+                    _upstream(metadata, route, hop),
                 )
+                count = sum(response_tokens(reply) for reply in replies)
                 payload = kind.payload(replies)
             response = self._arrow_reply(payload, kind.response_type)
         except Exception as exc:
             failure = _failure(context, exc)
-        return await self._finish(context, instance, kind.method, started, failure, response)
+        return await self._finish(
+            context, instance, kind.method, started, failure, response, hop, count
+        )
 
     def _arrow_reply(self, payload: bytes, kind: Any) -> bytes:
         response: bytes = kind(arrow_ipc=payload).SerializeToString()
@@ -322,9 +364,13 @@ class Forwarder:
         started: float,
         failure: tuple[grpc.StatusCode, str] | None,
         response: bytes,
+        hop: Hop | None = None,
+        tokens: int = 0,
     ) -> bytes:
         code = grpc.StatusCode.OK if failure is None else failure[0]
-        self.metrics.observe(instance, method, code, time.perf_counter() - started)
+        self.metrics.observe(instance, method, code, time.perf_counter() - started, tokens)
+        if hop is not None:
+            hop.end_grpc(instance, code, "" if failure is None else failure[1])
         if failure is not None:
             await context.abort(*failure)
         return response
@@ -503,6 +549,9 @@ def _client_metadata(context: grpc.aio.ServicerContext) -> tuple[str | None, Met
     return presented, tuple(kept)
 
 
-def _upstream(metadata: Metadata, route: Route) -> Metadata | None:
-    """What goes to the instance: the client's metadata and the instance's own key."""
+def _upstream(metadata: Metadata, route: Route, hop: Hop | None = None) -> Metadata | None:
+    """What goes to the instance: the client's metadata (with tracing on, the hop's trace
+    context instead of the client's) and the instance's own key."""
+    if hop is not None:
+        metadata = hop.forwarded(metadata)
     return (metadata + route.credentials) if metadata else (route.credentials or None)

@@ -1,6 +1,7 @@
 """Prometheus metrics of the multiplexer: requests, errors by status code, latency, for gRPC
 (by instance and method) and HTTP (by instance, route and status); admission queue depth,
-wait and refusals (by instance).
+wait and refusals (by instance); the traffic roll-up's own cost. Every call also goes to
+the in-memory traffic windows (multiplexer/traffic.py) that the admin's charts come from.
 
 Served on a port of their own (TEI_MANAGER_MULTIPLEXER_METRICS_PORT, 9002 by default, 0
 turns it off); when PROMETHEUS_MULTIPROC_DIR is set they are also written there, so the
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from multiplexer.traffic import Traffic
 
 UNROUTED = "-"
 
@@ -62,14 +65,33 @@ QUEUE_REFUSED = Counter(
     ["instance", "reason"],
 )
 
+TOKENS = Counter(
+    "tei_manager_multiplexer_tokens_total",
+    "Tokens the instances reported computing (tei.v1 Metadata.compute_tokens), gRPC and HTTP; "
+    "added once per traffic roll-up (every 10 s), not per call.",
+    ["instance"],
+)
+ROLLUP_DURATION = Histogram(
+    "tei_manager_multiplexer_rollup_duration_seconds",
+    "Time one traffic roll-up took: collecting the windows and writing their rows.",
+    buckets=BUCKETS,
+)
+ROLLUP_ROWS = Counter(
+    "tei_manager_multiplexer_rollup_rows_total",
+    "Traffic samples written by the roll-up (one per instance per window).",
+)
+
 
 class CallMetrics:
     """Caches the labelled children: a label lookup takes a lock, a cached child does not."""
 
-    def __init__(self) -> None:
+    def __init__(self, traffic: Traffic | None = None) -> None:
         self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self.traffic = traffic if traffic is not None else Traffic()
 
-    def observe(self, instance: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
+    def observe(
+        self, instance: str, method: str, code: grpc.StatusCode, seconds: float, tokens: int = 0
+    ) -> None:
         key = (instance, method)
         children = self._children.get(key)
         if children is None:
@@ -77,23 +99,30 @@ class CallMetrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe(seconds)
-        if code is not grpc.StatusCode.OK:
+        failed = code is not grpc.StatusCode.OK
+        if failed:
             ERRORS.labels(instance, method, code.name).inc()
+        self.traffic.record(instance, failed, seconds, tokens)
 
 
 class HttpMetrics:
-    """Per-route HTTP series; children cached like CallMetrics'."""
+    """Per-route HTTP series; children cached like CallMetrics'. A status of 400 or more
+    counts as an error in the traffic windows."""
 
-    def __init__(self) -> None:
+    def __init__(self, traffic: Traffic | None = None) -> None:
         self._latency: dict[tuple[str, str], Histogram] = {}
+        self.traffic = traffic if traffic is not None else Traffic()
 
-    def observe(self, instance: str, route: str, status: int, seconds: float) -> None:
+    def observe(
+        self, instance: str, route: str, status: int, seconds: float, tokens: int = 0
+    ) -> None:
         key = (instance, route)
         latency = self._latency.get(key)
         if latency is None:
             latency = self._latency[key] = HTTP_LATENCY.labels(*key)
         latency.observe(seconds)
         HTTP_REQUESTS.labels(instance, route, str(status)).inc()
+        self.traffic.record(instance, status >= 400, seconds, tokens)
 
 
 def queue_depth(instance: str, depth: int) -> None:
@@ -106,6 +135,15 @@ def queue_wait(instance: str, seconds: float) -> None:
 
 def refused(instance: str, reason: str) -> None:
     QUEUE_REFUSED.labels(instance, reason).inc()
+
+
+def tokens_reported(instance: str, tokens: int) -> None:
+    TOKENS.labels(instance).inc(tokens)
+
+
+def rollup_done(seconds: float, rows: int) -> None:
+    ROLLUP_DURATION.observe(seconds)
+    ROLLUP_ROWS.inc(rows)
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> None:

@@ -15,6 +15,8 @@ from typing import Any
 from teimanager.config import Config, MtlsConfig, is_loopback
 
 LOOP_KINDS = ("auto", "uvloop", "asyncio")
+# Seconds between two traffic samples per instance (multiplexer/rollup.py).
+ROLLUP_SECS = 10.0
 
 
 def event_loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
@@ -54,6 +56,8 @@ class ServerOptions:
     # listener binds beyond loopback, this one or another of the fleet's (`listeners`).
     auth_required: str = "auto"
     listeners: tuple[str, ...] = ()
+    rollup_interval_secs: float = ROLLUP_SECS  # 0: no traffic samples
+    node: str = ""  # names this multiplexer's traffic samples ("": the host name)
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> ServerOptions:

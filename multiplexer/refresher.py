@@ -1,12 +1,13 @@
 """Keeps the Router's table in step with the Instance rows (and the Keyring's with the API
-key rows), and says the multiplexer is alive.
+key rows), says the multiplexer is alive, and writes the traffic roll-up.
 
 A background thread reads the database every `interval` seconds (0.5 s by default, so a
 created, stopped or deleted instance is routable or refused within a second, and a revoked
 key refused) and swaps a new immutable table in when anything changed. A failed read
-keeps the last good tables. Every heartbeat it also writes the keys' last-use times.
-The thread keeps its database connection between reads (reopening SQLite each tick costs
-more than the read) and drops it only when a read fails.
+keeps the last good tables. Every heartbeat it also writes the keys' last-use times, and
+every 10 seconds the traffic samples (multiplexer/rollup.py) in one batch. The thread
+keeps its database connection between reads (reopening SQLite each tick costs more than
+the read) and drops it only when a read or a write fails.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from django.apps import apps
 from django.db import connection
@@ -23,6 +25,9 @@ from django.utils import timezone
 
 from multiplexer.keys import Keyring, load_key_table
 from multiplexer.routing import Route, Router, RoutingTable
+
+if TYPE_CHECKING:
+    from multiplexer.rollup import Rollup
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,7 @@ class RoutingRefresher:
         heartbeat_interval: float | None = HEARTBEAT_INTERVAL_SECS,  # None: write none
         on_change: Callable[[RoutingTable], None] | None = None,
         keyring: Keyring | None = None,
+        rollup: Rollup | None = None,
     ) -> None:
         self.router = router
         self.keyring = keyring
@@ -87,6 +93,7 @@ class RoutingRefresher:
         self.interval = interval
         self.heartbeat_interval = heartbeat_interval
         self.on_change = on_change
+        self.rollup = rollup
         self._stop = threading.Event()
         self._first_read = threading.Event()
         self._thread: threading.Thread | None = None
@@ -149,6 +156,19 @@ class RoutingRefresher:
                 ApiKey.objects.filter(pk=pk).update(last_used_at=moment)
                 self._written[pk] = stamp
 
+    def roll_up_if_due(self) -> bool:
+        """Write the traffic samples when their window is over; True when written."""
+        rollup = self.rollup
+        if rollup is None or not rollup.due(time.time()):
+            return False
+        try:
+            rollup.run(self.router.table)
+        except Exception as exc:
+            connection.close()
+            log.warning("cannot write the traffic samples: %s", exc)
+            return False
+        return True
+
     def _run(self) -> None:
         # Every read happens on this thread, over its one connection, closed on the way out.
         try:
@@ -156,6 +176,7 @@ class RoutingRefresher:
             self._first_read.set()
             while not self._stop.wait(self.interval):
                 self.refresh_once()
+                self.roll_up_if_due()
         finally:
             self._first_read.set()
             connection.close()

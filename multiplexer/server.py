@@ -10,6 +10,7 @@ times, and uvloop's wake-ups are cheaper (see benchmarks/grpc_hop_floor.py).
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 
 import grpc
@@ -24,8 +25,12 @@ from multiplexer.keys import Keyring
 from multiplexer.metrics import CallMetrics
 from multiplexer.options import ServerOptions, event_loop_factory
 from multiplexer.refresher import HEARTBEAT_INTERVAL_SECS, RoutingRefresher
+from multiplexer.rollup import Rollup
 from multiplexer.routing import Router, RoutingTable
 from multiplexer.tls import SubjectCheck, server_credentials
+from multiplexer.tracing import HopTracer
+from multiplexer.traffic import Snapshot, Traffic
+from telemetry import tracing
 
 
 class HttpBindError(RuntimeError):
@@ -40,13 +45,21 @@ class MultiplexerServer:
         self.router = router or Router(queue_size=options.queue_size, processes=options.processes)
         self.pool = ChannelPool(options.message_size_options())
         self.keyring = Keyring(options.auth_required, options.open_listener)
+        self.traffic = Traffic()
+        rollup = None
+        if options.rollup_interval_secs > 0:
+            source = options.node or socket.gethostname()
+            rollup = Rollup(self._collect_traffic, source, options.rollup_interval_secs)
         self.refresher = RoutingRefresher(
             self.router,
             options.refresh_interval_secs,
             heartbeat_interval=HEARTBEAT_INTERVAL_SECS if options.heartbeat else None,
             on_change=self._table_changed,
             keyring=self.keyring,
+            rollup=rollup,
         )
+        recorder = tracing.recorder()
+        self.hops = None if recorder is None else HopTracer(recorder)
         self.health = HealthServicer()
         self.port = 0
         self.http_port: int | None = None
@@ -75,10 +88,11 @@ class MultiplexerServer:
         forwarder = Forwarder(
             self.router,
             self.pool,
-            CallMetrics(),
+            CallMetrics(self.traffic),
             request_timeout=options.request_timeout_secs,
             max_message_bytes=options.max_message_bytes,
             keyring=self.keyring,
+            hops=self.hops,
         )
         server.add_generic_rpc_handlers((forwarder.generic_handler(),))
         # Health and reflection answer a request that does not parse with INVALID_ARGUMENT.
@@ -101,6 +115,8 @@ class MultiplexerServer:
                 max_client_batch_size=options.max_client_batch_size,
                 payload_limit_bytes=options.http_payload_limit_bytes,
                 keyring=self.keyring,
+                traffic=self.traffic,
+                hops=self.hops,
             )
             try:
                 self.http_port = await self.http.start(
@@ -123,6 +139,17 @@ class MultiplexerServer:
         await asyncio.gather(*stops)
         await asyncio.to_thread(self.refresher.stop)
         await self.pool.close()
+
+    def _collect_traffic(self) -> Snapshot:
+        """The traffic windows, taken on the event loop that fills them (refresher thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return self.traffic.take(self.router)
+
+        async def take() -> Snapshot:
+            return self.traffic.take(self.router)
+
+        return asyncio.run_coroutine_threadsafe(take(), loop).result(timeout=5)
 
     def _table_changed(self, table: RoutingTable) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -23,6 +23,10 @@ from django.conf import settings  # noqa: E402  (after setup)
 
 from instances.api.errors import body  # noqa: E402
 from instances.errors import RequestTooLarge  # noqa: E402
+from telemetry.setup import setup_process  # noqa: E402
+
+# Each gunicorn worker imports this after the fork: its own exporter thread.
+setup_process("web")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -70,6 +70,16 @@ def _log_level(label: str, value: Any) -> None:
         raise ConfigError(f"{label} must be one of {names}, got {value!r}")
 
 
+def _log_format(label: str, value: Any) -> None:
+    if value not in ("text", "json"):
+        raise ConfigError(f"{label} must be text or json, got {value!r}")
+
+
+def _otlp_endpoint(label: str, value: Any) -> None:
+    if value and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{label} must be an http:// or https:// URL, got {value!r}")
+
+
 def _database_url(label: str, value: Any) -> None:
     if value:
         try:
@@ -145,6 +155,10 @@ class Config:
     multiplexer_processes: int = setting(
         1, "TEI_MANAGER_MULTIPLEXER_PROCESSES", check=_at_least_one
     )
+    # Observability: log lines as text or JSON; OpenTelemetry spans to this OTLP/HTTP base
+    # URL ("": no tracing).
+    log_format: str = setting("text", "TEI_MANAGER_LOG_FORMAT", check=_log_format)
+    otlp_endpoint: str = setting("", "OTEL_EXPORTER_OTLP_ENDPOINT", check=_otlp_endpoint)
     # -- in the TOML file only ---------------------------------------------------------
     startup_timeout_secs: int = setting(300)
     max_failures_before_restart: int = setting(3)

@@ -10,6 +10,7 @@ proxy in front anyway (docker/nginx.conf): it bounds how long a client may take.
 """
 
 from teimanager.config import load_config_or_exit
+from telemetry.logs import gunicorn_logging_config
 
 _config = load_config_or_exit()
 
@@ -27,6 +28,9 @@ keepalive = 5
 # Django has no ASGI lifespan events.
 asgi_lifespan = "off"
 accesslog = "-"
+if _config.log_format == "json":
+    # gunicorn's error and access lines as JSON, like every other line of the stack.
+    logconfig_dict = gunicorn_logging_config(_config.log_format, _config.log_level)
 # No control socket: its default path is per user, so two servers on a host would share it.
 control_socket_disable = True
 

@@ -10,6 +10,7 @@ import dj_database_url
 
 from teimanager import secret_key
 from teimanager.config import is_loopback, load_config_or_exit
+from telemetry.logs import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -71,10 +72,12 @@ INSTALLED_APPS = [
     "access",
     "instances",
     "multiplexer",
+    "telemetry",
 ]
 
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "telemetry.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -196,18 +199,19 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": TEI.log_level.upper()},
-}
+# Plain lines, or JSON with the request id and trace ids (TEI_MANAGER_LOG_FORMAT=json).
+LOGGING = logging_config(TEI.log_format, TEI.log_level)
 
 CELERY_BEAT_SCHEDULE = {
     "reconcile": {
         "task": "instances.tasks.reconcile",
         "schedule": float(TEI.health_check_interval_secs),
         "options": {"expires": float(TEI.health_check_interval_secs)},
+    },
+    # The fleet's time series: instances by status, and pruning past 24 hours.
+    "sample_fleet": {
+        "task": "instances.tasks.sample_fleet",
+        "schedule": 10.0,
+        "options": {"expires": 10.0},
     },
 }

@@ -52,6 +52,30 @@ def gib(size: int) -> str:
     return f"{size / 2**30:.1f}"
 
 
+def format_rate(per_second: float | None) -> str:
+    """Calls, errors or tokens per second: "—" (no sample), "0", "0.4", "37", "12.5k"."""
+    if per_second is None:
+        return "—"
+    if per_second == 0:
+        return "0"
+    if per_second < 10:
+        return f"{per_second:.1f}"
+    if per_second < 10_000:
+        return f"{per_second:.0f}"
+    return f"{per_second / 1000:.1f}k"
+
+
+def format_ms(ms: float | None) -> str:
+    """A latency: "—" (no calls), "0.84 ms", "12.3 ms", "250 ms"."""
+    if ms is None:
+        return "—"
+    if ms < 1:
+        return f"{ms:.2f} ms"
+    if ms < 100:
+        return f"{ms:.1f} ms"
+    return f"{ms:.0f} ms"
+
+
 def format_uptime(started_at: datetime | None, status: str) -> str:
     """ "3d 4h", "2h 05m", "7m 12s", "42s"; "—" unless running."""
     if status != "running" or started_at is None:
@@ -75,6 +99,14 @@ def shorten(text: str, length: int = LAST_ERROR_LENGTH) -> str:
     return line if len(line) <= length and line == text.strip() else line[: length - 1] + "…"
 
 
+@register.simple_tag
+def fleet_chart_panels() -> list[dict[str, Any]]:
+    """The index's chart windows (charts.js draws them)."""
+    from instances.admin_traffic import fleet_chart_panels as panels
+
+    return panels()
+
+
 @register.inclusion_tag("admin/instances/dashboard.html")
 def tei_dashboard() -> dict[str, Any]:
     """The index panels; /admin/instances/instance/dashboard/ renders the same for live.js."""
@@ -84,6 +116,7 @@ def tei_dashboard() -> dict[str, Any]:
 def dashboard_context() -> dict[str, Any]:
     summary = dashboard.fleet_summary()
     return {
+        "calls_per_sec": format_rate(dashboard.fleet_calls_per_sec()),
         "summary": summary,
         "total": sum(s.count for s in summary),
         "gpus": dashboard.gpu_panel(),

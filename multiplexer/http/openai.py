@@ -8,13 +8,14 @@ instance is that instance, anything else a model id (its running replicas share 
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from multiplexer.http import schemas
 from multiplexer.http.errors import HttpError
-from multiplexer.http.tei import Answer, Call, TeiApi, timing, vector
+from multiplexer.http.tei import Answer, Call, Header, TeiApi, timing, vector
 from multiplexer.keys import KeyEntry
 from multiplexer.routing import RoutingTable
 from multiplexer.wire import Target
@@ -34,8 +35,10 @@ class OpenAIApi:
     def __init__(self, tei: TeiApi) -> None:
         self.tei = tei
 
-    def start(self, model: str | None, grant: KeyEntry | None) -> Call:
-        return self.tei.start(resolve(self.tei.router.table, model or ""), grant)
+    def start(
+        self, model: str | None, grant: KeyEntry | None, metadata: Sequence[Header] = ()
+    ) -> Call:
+        return self.tei.start(resolve(self.tei.router.table, model or ""), grant, metadata)
 
     async def embeddings(
         self, call: Call, body: schemas.OpenAIEmbeddingRequest, model: str

@@ -26,21 +26,29 @@ from multiplexer.channels import ChannelPool
 from multiplexer.http import openapi, schemas
 from multiplexer.http.errors import HttpError, from_exception, render, shape_of
 from multiplexer.http.openai import OpenAIApi
-from multiplexer.http.tei import Answer, Call, TeiApi, parse
+from multiplexer.http.tei import Answer, Call, Header, TeiApi, parse
 from multiplexer.keys import KeyEntry, Keyring, bearer
 from multiplexer.metrics import UNROUTED, HttpMetrics
 from multiplexer.routing import Router
+from multiplexer.tracing import Hop, HopTracer
+from multiplexer.traffic import Traffic
 from multiplexer.wire import Target
+from telemetry.logs import REQUEST_ID, REQUEST_ID_HEADER, accepted_request_id, new_request_id
 
 log = logging.getLogger(__name__)
 
 TARGETS = (("/instances/{name}", "name"), ("/models/{model_id:.+}", "model_id"))
 CLIENT_CLOSED = 499  # the client went away first (nginx's convention)
 _JSON = "application/json"
-INSTANCE = web.RequestKey("instance", str)  # the metrics label, once routed
 # The request's key, as Keyring.check returns it (None: an open fleet).
 GRANT: web.RequestKey[KeyEntry | None] = web.RequestKey("grant")
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs"})
+# As gRPC metadata to the instance: W3C trace context (replaced by the hop's own when
+# tracing is on). The client's credentials never go on: the instance gets its own key.
+_FORWARDED_HEADERS = ("traceparent", "tracestate")
+CALL = web.RequestKey("call", Call)  # once routed: the instance, the tokens it reported
+REQUEST = web.RequestKey("request_id", str)  # the client's X-Request-ID, or a new one
+HOP = web.RequestKey("hop", Hop)  # with tracing on
 
 Run = Callable[[TeiApi, Call, Any], Awaitable[Answer]]
 
@@ -82,11 +90,14 @@ class HttpServer:
         max_client_batch_size: int = 2048,
         payload_limit_bytes: int = 2_000_000,
         keyring: Keyring | None = None,
+        traffic: Traffic | None = None,
+        hops: HopTracer | None = None,
     ) -> None:
         self.keyring = keyring or Keyring()
         self.tei = TeiApi(router, pool, request_timeout, max_client_batch_size)
         self.openai = OpenAIApi(self.tei)
-        self.metrics = HttpMetrics()
+        self.metrics = HttpMetrics(traffic)
+        self.hops = hops  # None: tracing is off
         self.payload_limit_bytes = payload_limit_bytes
         self.app = self._application()
         self._runner: web.AppRunner | None = None
@@ -160,12 +171,16 @@ class HttpServer:
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = parse(schemas.OpenAIEmbeddingRequest, await request.read())
-        call = self._started(request, self.openai.start(body.model, request[GRANT]))
+        call = self._started(
+            request, self.openai.start(body.model, request[GRANT], _metadata(request))
+        )
         return _json(await self.openai.embeddings(call, body, body.model or ""))
 
     async def _rerank(self, request: web.Request) -> web.Response:
         body = parse(schemas.OpenAIRerankRequest, await request.read())
-        call = self._started(request, self.openai.start(body.model, request[GRANT]))
+        call = self._started(
+            request, self.openai.start(body.model, request[GRANT], _metadata(request))
+        )
         return _json(await self.openai.rerank(call, body))
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -186,19 +201,27 @@ class HttpServer:
     # Shared ---------------------------------------------------------------------------
 
     def _start(self, request: web.Request, target: Target) -> Call:
-        return self._started(request, self.tei.start(target, request[GRANT]))
+        return self._started(request, self.tei.start(target, request[GRANT], _metadata(request)))
 
     def _started(self, request: web.Request, call: Call) -> Call:
-        request[INSTANCE] = call.route.name
+        request[CALL] = call
         return call
 
     @web.middleware
     async def _guard(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """Every error in its route's shape, never a 500 for bad input; metrics per route."""
+        """Every error in its route's shape, never a 500 for bad input; metrics per route;
+        the request id (X-Request-ID) in the logs, the answer and the trace."""
         started = time.perf_counter()
         status = CLIENT_CLOSED
+        request_id = accepted_request_id(request.headers.get(REQUEST_ID_HEADER)) or new_request_id()
+        request[REQUEST] = request_id
+        REQUEST_ID.set(request_id)  # this request's task only
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        if self.hops is not None:
+            request[HOP] = self.hops.http(request.method, route, request.headers, request_id)
         try:
             try:
                 if not _is_open(request.path):
@@ -215,12 +238,15 @@ class HttpServer:
                     )
                 response = render(error, shape_of(request.path))
             status = response.status
+            response.headers["X-Request-ID"] = request_id
             return response
         finally:
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else "unmatched"
-            instance = request.get(INSTANCE, UNROUTED)
-            self.metrics.observe(instance, route, status, time.perf_counter() - started)
+            call = request.get(CALL)
+            instance, tokens = (UNROUTED, 0) if call is None else (call.route.name, call.tokens)
+            self.metrics.observe(instance, route, status, time.perf_counter() - started, tokens)
+            hop = request.get(HOP)
+            if hop is not None:
+                hop.end_http(instance, status)
 
 
 def _target(request: web.Request) -> Target:
@@ -243,6 +269,14 @@ def _presented(request: web.Request) -> str | None:
 
 def _is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(openapi.ASSETS_URL)
+
+
+def _metadata(request: web.Request) -> tuple[Header, ...]:
+    forwarded = tuple(
+        (key, request.headers[key]) for key in _FORWARDED_HEADERS if key in request.headers
+    ) + ((REQUEST_ID_HEADER, request[REQUEST]),)
+    hop = request.get(HOP)
+    return forwarded if hop is None else hop.forwarded(forwarded)
 
 
 def _json(answer: Answer) -> web.Response:

@@ -74,15 +74,20 @@ class Answer:
     headers: dict[str, str] | None = None
 
 
+Header = tuple[str, str | bytes]  # one metadata pair
+
+
 class Call:
     """One HTTP request's work: its route, its deadline, the metadata its calls to the
-    instance carry (the instance's own key; never the client's)."""
+    instance carry (trace context, the request id and the instance's own key; never the
+    client's credentials), and the tokens the instance reported (for the traffic windows)."""
 
     def __init__(self, route: Route, timeout: float, metadata: Metadata) -> None:
         self.route = route
         self.started = time.perf_counter()
         self.deadline = time.monotonic() + timeout
         self.metadata = metadata
+        self.tokens = 0
 
     @property
     def remaining(self) -> float:
@@ -109,11 +114,14 @@ class TeiApi:
         self.max_client_batch_size = max_client_batch_size
         self._info: dict[str, tuple[Route, tei_pb2.InfoResponse]] = {}
 
-    def start(self, target: Target, grant: KeyEntry | None = None) -> Call:
+    def start(
+        self, target: Target, grant: KeyEntry | None = None, metadata: Sequence[Header] = ()
+    ) -> Call:
         """Route the request to what its key (`grant`, None: any) may use (RoutingError
-        or KeyRefusal when it cannot be) and start its clock."""
+        or KeyRefusal when it cannot be) and start its clock; its calls carry `metadata`
+        and the instance's own key."""
         route = self.router.choose(target, grant)
-        return Call(route, self.request_timeout, route.credentials or None)
+        return Call(route, self.request_timeout, (*metadata, *route.credentials) or None)
 
     # Routes ---------------------------------------------------------------------------
 
@@ -380,6 +388,7 @@ def timing(call: Call, replies: Sequence[Any]) -> dict[str, str]:
     count = max(len(replies), 1)
     metadata = [reply.metadata for reply in replies]
     total = str(int((time.perf_counter() - call.started) * 1000))
+    call.tokens = sum(m.compute_tokens for m in metadata)
 
     def mean_ms(field: str) -> str:
         return str(sum(getattr(m, field) for m in metadata) // count // 1_000_000)
@@ -387,7 +396,7 @@ def timing(call: Call, replies: Sequence[Any]) -> dict[str, str]:
     return {
         "x-compute-time": total,
         "x-compute-characters": str(sum(m.compute_chars for m in metadata)),
-        "x-compute-tokens": str(sum(m.compute_tokens for m in metadata)),
+        "x-compute-tokens": str(call.tokens),
         "x-total-time": total,
         "x-tokenization-time": mean_ms("tokenization_time_ns"),
         "x-queue-time": mean_ms("queue_time_ns"),

@@ -3,6 +3,7 @@
  *
  * Reads its settings from <div id="tei-live" data-...>:
  *   data-api        the REST list URL (/instances): statuses on the instance list
+ *   data-traffic    the admin URL of each instance's current traffic (JSON): its columns
  *   data-instance   one instance's name: its runtime facts on the instance page
  *   data-logs       that instance's log URL (…/logs?start=-100): the log tail
  *   data-dashboard  the admin URL of the index panels (HTML), swapped in whole
@@ -79,6 +80,45 @@
             last_error_short: (i) => shorten(i.last_error) || "—",
         };
 
+        function rate(value) {
+            if (value === null || value === undefined) {
+                return "—";
+            }
+            if (value === 0) {
+                return "0";
+            }
+            if (value < 10) {
+                return value.toFixed(1);
+            }
+            if (value < 10000) {
+                return value.toFixed(0);
+            }
+            return (value / 1000).toFixed(1) + "k";
+        }
+
+        function milliseconds(value) {
+            if (value === null || value === undefined) {
+                return "—";
+            }
+            if (value < 1) {
+                return value.toFixed(2) + " ms";
+            }
+            if (value < 100) {
+                return value.toFixed(1) + " ms";
+            }
+            return value.toFixed(0) + " ms";
+        }
+
+        // The traffic columns (instances/admin_traffic.py); "—" without a fresh sample.
+        const trafficFormats = {
+            calls_per_sec: (t) => rate(t && t.calls_per_sec),
+            errors_per_sec: (t) => rate(t && t.errors_per_sec),
+            tokens_per_sec: (t) => rate(t && t.tokens_per_sec),
+            p50_ms: (t) => milliseconds(t && t.p50_ms),
+            p95_ms: (t) => milliseconds(t && t.p95_ms),
+            queue_depth: (t) => (t ? String(t.queue_depth) : "—"),
+        };
+
         function redraw(instance) {
             const selector = '[data-instance="' + CSS.escape(instance.name) + '"][data-field]';
             document.querySelectorAll(selector).forEach(function (element) {
@@ -121,6 +161,23 @@
             const body = await getJson(settings.api);
             const list = Array.isArray(body) ? body : body.instances || body.results || [];
             list.forEach(redraw);
+        }
+
+        async function refreshTraffic() {
+            if (!settings.traffic) {
+                return;
+            }
+            const current = (await getJson(settings.traffic)).instances || {};
+            document.querySelectorAll("[data-instance][data-field]").forEach(function (element) {
+                const format = trafficFormats[element.dataset.field];
+                if (!format) {
+                    return;
+                }
+                const text = format(current[element.dataset.instance]);
+                if (element.textContent !== text) {
+                    element.textContent = text;
+                }
+            });
         }
 
         async function refreshLogs() {
@@ -171,7 +228,12 @@
         async function tick() {
             if (!document.hidden) {
                 try {
-                    await Promise.all([refreshInstances(), refreshLogs(), refreshDashboard()]);
+                    await Promise.all([
+                        refreshInstances(),
+                        refreshTraffic(),
+                        refreshLogs(),
+                        refreshDashboard(),
+                    ]);
                     root.dataset.refreshed = String(Date.now());
                     report(null);
                 } catch (error) {

@@ -8,6 +8,8 @@ serves: the parent of N processes must fork before grpcio or pyarrow start anyth
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import signal
 from collections.abc import Callable
@@ -16,8 +18,12 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from multiplexer.options import LOOP_KINDS, ServerOptions, event_loop_factory
+from multiplexer.options import LOOP_KINDS, ROLLUP_SECS, ServerOptions, event_loop_factory
 from multiplexer.processes import Link, StartError, Supervisor
+from telemetry import logs, tracing
+from telemetry.setup import setup_process
+
+log = logging.getLogger("multiplexer")
 
 
 class Command(BaseCommand):
@@ -54,6 +60,12 @@ class Command(BaseCommand):
             help="Prometheus port of the multiplexer (0: none)",
         )
         parser.add_argument(
+            "--rollup-interval",
+            type=float,
+            default=ROLLUP_SECS,
+            help="seconds between two traffic samples per instance (0: none)",
+        )
+        parser.add_argument(
             "--loop",
             choices=LOOP_KINDS,
             default="auto",
@@ -68,6 +80,9 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # Tracing starts in each serving process (its exporter is a thread: none may run
+        # in the parent of N processes when it forks them).
+        logs.set_service("multiplexer")
         try:
             self.loop_factory = event_loop_factory(options["loop"])
         except ImportError:
@@ -87,13 +102,15 @@ class Command(BaseCommand):
             http_port=options["http_port"],
             refresh_interval_secs=options["refresh_interval"],
             processes=processes,
+            rollup_interval_secs=options["rollup_interval"],
+            node=settings.NODE_NAME,
         )
         if processes > 1 and settings.TEI.grpc_enabled:
             self.supervise(server_options, options["metrics_port"])
         else:
             with asyncio.Runner(loop_factory=self.loop_factory) as runner:
                 runner.run(self.run(server_options, options["metrics_port"]))
-        self.stdout.write("Done.")
+        self.say("Done.")
 
     async def run(self, server_options: ServerOptions, metrics_port: int) -> None:
         """One process: serve, with the metrics on their own port."""
@@ -105,7 +122,7 @@ class Command(BaseCommand):
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
             # Stay up, idle: honcho stops the whole stack when one process exits.
-            self.stdout.write("The gRPC multiplexer is disabled (TEI_MANAGER_GRPC_ENABLED=false).")
+            self.say("The gRPC multiplexer is disabled (TEI_MANAGER_GRPC_ENABLED=false).")
             await stop.wait()
             return
         try:
@@ -117,9 +134,7 @@ class Command(BaseCommand):
             ) from None
 
         def ready(port: int, http_port: int | None, loop_kind: str) -> None:
-            self.stdout.write(
-                self.running(server_options, port, http_port, loop_kind, metrics_port)
-            )
+            self.say(self.running(server_options, port, http_port, loop_kind, metrics_port))
 
         try:
             await self.serve(server_options, ready)
@@ -150,7 +165,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         claimed = supervisor.options
         if not supervisor.stopping:  # a signal may have come while they started
-            self.stdout.write(
+            self.say(
                 self.running(
                     claimed,
                     claimed.port,
@@ -161,7 +176,7 @@ class Command(BaseCommand):
                 )
             )
         supervisor.run()
-        self.stdout.write(f"Stopping: finishing in-flight calls (up to {self.grace:g} s)…")
+        self.say(f"Stopping: finishing in-flight calls (up to {self.grace:g} s)…")
         supervisor.stop(self.grace)
         if supervisor.failure:
             raise CommandError(supervisor.failure)
@@ -176,6 +191,18 @@ class Command(BaseCommand):
         server_options: ServerOptions,
         ready: Callable[[int, int | None, str], None],
         link: Link | None = None,
+    ) -> None:
+        setup_process("multiplexer")
+        try:
+            await self._serve(server_options, ready, link)
+        finally:
+            tracing.shutdown()
+
+    async def _serve(
+        self,
+        server_options: ServerOptions,
+        ready: Callable[[int, int | None, str], None],
+        link: Link | None,
     ) -> None:
         from multiplexer.server import HttpBindError, MultiplexerServer
 
@@ -193,12 +220,15 @@ class Command(BaseCommand):
             raise StartError(
                 f"cannot listen on {server_options.host}:{server_options.port}: {exc}"
             ) from None
+        # What start-up loaded lives as long as the process: out of the collector's full
+        # passes, which every call's garbage (and every span's, with tracing on) triggers.
+        gc.freeze()
         loop_kind = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
         ready(port, server.http_port, loop_kind)
         orphaned = asyncio.create_task(link.until_orphaned(stop)) if link else None
         await stop.wait()
         if link is None:
-            self.stdout.write(f"Stopping: finishing in-flight calls (up to {self.grace:g} s)…")
+            self.say(f"Stopping: finishing in-flight calls (up to {self.grace:g} s)…")
         await server.stop(self.grace)
         if orphaned is not None:
             orphaned.cancel()
@@ -214,8 +244,16 @@ class Command(BaseCommand):
     ) -> str:
         scheme = "mTLS" if server_options.mtls.enabled else "plaintext"
         processes = f", {len(pids)} processes (pids {', '.join(map(str, pids))})" if pids else ""
+        traced = "on" if settings.TEI.otlp_endpoint else "off"
         return (
             f"The multiplexer is now running on {server_options.host}:{port} ({scheme}, "
             f"{loop_kind}), HTTP on port {http_port or 'none'}, "
-            f"metrics on port {metrics_port or 'none'}{processes}."
+            f"metrics on port {metrics_port or 'none'}, tracing {traced}{processes}."
         )
+
+    def say(self, line: str) -> None:
+        """A line for the operator: on stdout, or a JSON log line with the others."""
+        if settings.TEI.log_format == "json":
+            log.info(line)
+        else:
+            self.stdout.write(line)
