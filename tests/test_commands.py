@@ -136,3 +136,10 @@ def test_it_has_a_test_for_every_management_command() -> None:
 def test_benchclient_refuses_contradictory_options(args: list[str], message: str) -> None:
     with pytest.raises(CommandError, match=message):
         call_command("benchclient", "-e", "127.0.0.1:1", "-i", "minilm", *args)
+
+
+def test_every_model_change_has_its_migration() -> None:
+    # A model changed without its migration would leave the database behind the code.
+    out = StringIO()
+    call_command("makemigrations", "--check", "--dry-run", stdout=out)
+    assert "No changes detected" in out.getvalue()
