@@ -93,9 +93,10 @@ def sample_gpus(node: str) -> int:
         return 0
 
 
-@signals.before_task_publish.connect
+@signals.after_task_publish.connect
 def beat_sends_the_tick(sender: Any = None, **kwargs: Any) -> None:
-    # Only beat sends the reconcile tick.
+    # Only beat sends the reconcile tick. Written once it is sent: a slow database must not
+    # hold the tick back until it expires.
     if sender == RECONCILE_TASK:
         record(BEAT)
 
