@@ -130,11 +130,14 @@ def main() -> None:
                 flush=True,
             )
         stub = tei_pb2_grpc.EmbedStub(channel)
+        info = tei_pb2_grpc.InfoStub(channel)
         p50 = latency_p50(
             {
                 "torch": lambda: engines["torch"].embed([LATENCY_TEXT]),
                 "onnx": lambda: engines["onnx"].embed([LATENCY_TEXT]),
                 "server": lambda: stub.Embed(tei_pb2.EmbedRequest(inputs=LATENCY_TEXT)),
+                # The floor of the hop: a call the server answers without the model.
+                "info": lambda: info.Info(tei_pb2.InfoRequest()),
             },
             args.latency_samples,
         )
@@ -328,6 +331,8 @@ def render(
             f"| EmbedArrow, {args.texts} texts in one call, through the multiplexer "
             f"| {rate['arrow']:.0f} | {arrow_ratio:.2f} | | | >= 0.85: "
             f"{verdict(arrow_ratio >= 0.85)} |",
+            f"| the server's gRPC hop alone: unary Info, p50 | | | {p50['info'] * 1000:.2f} ms "
+            "| | – (what a Python gRPC server costs a call before any model work) |",
             "",
             f"Fastest in-process engine: {names[fastest]}; quickest for one text: "
             f"{names[quickest]}. Medians over {args.rounds} rounds (each round runs every "
