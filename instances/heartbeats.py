@@ -2,7 +2,8 @@
 
 - `beat`: celery beat, each time it sends the reconcile tick;
 - `worker.<node>`: each node's worker, from a thread of its main process (a bootstep), every
-  WORKER_HEARTBEAT_SECS, for as long as that process lives;
+  WORKER_HEARTBEAT_SECS, for as long as that process lives; the same thread writes the
+  node's row (nodes.Node: capacity and last_seen), which decides whether the node is up;
 - `reconcile` is written by the tick itself (supervisor.reconcile_node) and `multiplexer`
   by the multiplexer's routing refresher.
 
@@ -56,6 +57,21 @@ def record(name: str) -> bool:
         Heartbeat.beat(name)
     except Exception as exc:
         log.warning("cannot write the %s heartbeat: %s", name, exc)
+        return False
+    return True
+
+
+def record_node(node: str) -> bool:
+    """Write this node's row (nodes.Node: its capacity, seen now); False when refused."""
+    from django.db import close_old_connections
+
+    from nodes import registry
+
+    try:
+        close_old_connections()
+        registry.register(node)
+    except Exception as exc:
+        log.warning("cannot write the row of node %s: %s", node, exc)
         return False
     return True
 
@@ -116,6 +132,7 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
         try:
             while True:
                 record(name)
+                record_node(node)
                 if time.monotonic() >= next_sample:
                     sample_gpus(node)
                     next_sample = time.monotonic() + GPU_SAMPLE_SECS - 1
