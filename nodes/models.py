@@ -9,9 +9,11 @@ without anyone writing it.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import models
+from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 
@@ -82,3 +84,15 @@ def node_addresses() -> dict[str, tuple[str, bool]]:
         name: (host, last_seen >= cutoff)
         for name, host, last_seen in Node.objects.values_list("name", "instance_host", "last_seen")
     }
+
+
+def with_node_seen(instances: models.QuerySet[Any]) -> models.QuerySet[Any]:
+    """Instances annotated with their node's last heartbeat (`node_seen`, None when the
+    node is not registered), for `is_on_down_node` without a query per row."""
+    seen = Node.objects.filter(name=OuterRef("node")).values("last_seen")[:1]
+    return instances.annotate(node_seen=Subquery(seen))
+
+
+def is_on_down_node(instance: Any) -> bool:
+    seen = getattr(instance, "node_seen", None)
+    return seen is not None and seen < down_before()
