@@ -65,7 +65,7 @@ def create_instance(actor: Actor = SYSTEM, **fields: Any) -> Instance:
             with transaction.atomic():
                 instance = _insert(fields)
         except IntegrityError:
-            # Only reachable on PostgreSQL (SQLite's IMMEDIATE transactions serialise creates).
+            # Not expected: creates take turns (_insert); a port another node's move took.
             if Instance.objects.filter(name=fields.get("name")).exists():
                 raise InstanceExists(f"instance '{fields.get('name')}' already exists") from None
             raise PortConflict("port was taken by a concurrent create; try again") from None
@@ -181,6 +181,10 @@ def get_instance(name: str) -> Instance:
 def _insert(fields: dict[str, Any]) -> Instance:
     config = settings.TEI
     name = fields["name"]
+    # Creates take turns: the counter's row stays locked until this create commits (on
+    # PostgreSQL a row lock; SQLite's IMMEDIATE transaction holds the whole database), so
+    # the checks below see every create before it. A refused create rolls it back.
+    Counter.increment(CREATED_COUNTER)
     if Instance.objects.filter(name=name).exists():
         raise InstanceExists(f"instance '{name}' already exists")
     if Instance.objects.count() >= config.max_instances:
@@ -207,7 +211,6 @@ def _insert(fields: dict[str, Any]) -> Instance:
         instance = Instance.objects.create(**values)
     except TypeError as exc:
         raise ValidationFailed(str(exc)) from None
-    Counter.increment(CREATED_COUNTER)
     _enqueue_on_commit(tasks.launch_instance, instance)
     return instance
 

@@ -94,7 +94,9 @@ def choose(exclude: Collection[str]) -> Target | None:
 
 
 def local_target() -> Target:
-    """This process's own node, as its configuration describes it."""
+    """This process's own node, as its configuration describes it (its row, if it has
+    one, is locked: a failover may be moving an instance there)."""
+    Node.objects.select_for_update().filter(name=settings.NODE_NAME).first()
     config = settings.TEI
     return Target(
         node=settings.NODE_NAME,

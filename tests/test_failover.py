@@ -14,7 +14,7 @@ from instances.models import Instance, OrphanProcess, Status
 from nodes.failover import fail_over
 from tests.test_nodes import make_instance, make_node
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
 
 @pytest.fixture

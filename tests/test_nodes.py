@@ -22,7 +22,7 @@ from tests.conftest import TEST_NODE, Worker
 from tests.fake_nvml import use_fake_gpus, use_no_nvml
 from tests.stack import wait_until
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
 GIB = 2**30
 

@@ -12,7 +12,7 @@ from instances import services
 from instances.models import Instance
 from tests.test_nodes import GIB, make_instance, make_node
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
 
 @pytest.fixture
