@@ -9,8 +9,9 @@ export TEI_MANAGER_CONFIG ?= $(CURDIR)/teimanager/default_config.toml
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export CELERY_BROKER_URL ?= redis://127.0.0.1:6379/0
-# make test's second pass runs the tests marked `postgres` on this server, where it answers.
-POSTGRES_TEST_URL ?= postgresql://postgres@127.0.0.1:5432/test
+# make test's second pass runs the tests marked `postgres` on this server, where it answers
+# (and tests/test_two_nodes.py uses it in the first).
+export POSTGRES_TEST_URL ?= postgresql://postgres@127.0.0.1:5432/test
 POSTGRES_PING = $(BIN)/python -c "import sys, psycopg; psycopg.connect(sys.argv[1], connect_timeout=2).close()" '$(POSTGRES_TEST_URL)' 2>/dev/null
 REDIS_PING = $(BIN)/python -c "import os, redis; redis.Redis.from_url(os.environ['CELERY_BROKER_URL'], socket_connect_timeout=1).ping()" 2>/dev/null
 

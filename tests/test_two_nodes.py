@@ -6,6 +6,9 @@ It checks placement across both nodes; routing by name and by model id across th
 node whose worker dies: its failover instance moves (and serves from the other node), the
 other stays and shows unreachable, nothing runs twice; and the node coming back: it stops
 the process that moved away, restarts its own instance, and stops nothing else.
+
+The database is PostgreSQL where one answers at POSTGRES_TEST_URL (`make test` sets it; a
+database of the test's own, dropped after), else a SQLite file.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,8 +43,11 @@ class TwoNodes(Stack):
     """The Stack (node A: its worker, web, beat, multiplexer, Redis) plus node B's worker,
     whose instances listen on 127.0.0.2 and take ports from a range of their own."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, database_url: str = "") -> None:
         super().__init__(directory, "twonodes")
+        self.database_url = database_url
+        if database_url:
+            self.env["DATABASE_URL"] = database_url
         self.env["TEI_MANAGER_NODE_TIMEOUT"] = str(NODE_TIMEOUT)  # every part reads this dict
         self.node_a, self.node_b = self.node, "twonodes-b"
         config_b = self.dir / "node-b.toml"
@@ -75,6 +82,15 @@ class TwoNodes(Stack):
             self.worker_b.stop()
         super().down()
 
+    def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        if not self.database_url:
+            return super().query(sql, *args)
+        import psycopg
+
+        with psycopg.connect(self.database_url, autocommit=True) as db:
+            cursor = db.execute(sql.replace("?", "%s"), args)
+            return cursor.fetchall() if cursor.description else []
+
     def census(self) -> Census:
         """Both nodes' instance processes (B's ports follow A's)."""
         ports = range(self.port_base, self.port_base + 150)
@@ -101,9 +117,29 @@ class TwoNodes(Stack):
 
 
 @pytest.fixture
-def two_nodes() -> Iterator[TwoNodes]:
+def database_url() -> Iterator[str]:
+    """A new PostgreSQL database where POSTGRES_TEST_URL answers, else "" (SQLite)."""
+    server = os.environ.get("POSTGRES_TEST_URL", "").rsplit("/", 1)[0]
+    try:
+        import psycopg
+
+        admin = psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=2)
+    except Exception:
+        yield ""
+        return
+    name = f"test_teimanager_two_nodes_{uuid.uuid4().hex[:8]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{server}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def two_nodes(database_url: str) -> Iterator[TwoNodes]:
     prepare_onnx(MINILM_ID)  # exported once for the session, before any start-up timeout
-    stack = TwoNodes(SESSION_DIR / "two-nodes")
+    stack = TwoNodes(SESSION_DIR / "two-nodes", database_url)
     try:
         stack.up()
         yield stack
