@@ -159,6 +159,7 @@ class InstanceAdmin(TrafficAdminMixin, admin.ModelAdmin):
                     "startup_timeout",
                     "extra_args_shown",
                     "node",
+                    "failover",
                     "created",
                 ],
                 "description": "Instances are immutable: to change one, delete it and add "

@@ -8,7 +8,6 @@ from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from nodes.api.views import with_instance_counts
 from nodes.models import Node
 
 
@@ -51,7 +50,7 @@ class NodeAdmin(admin.ModelAdmin):
         css = {"all": ["instances/admin.css"]}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Node]:
-        return with_instance_counts()
+        return Node.objects.with_instance_counts()
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

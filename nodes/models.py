@@ -13,7 +13,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import models
-from django.db.models import OuterRef, Subquery
+from django.db.models import Count, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 
@@ -33,6 +34,19 @@ class NodeQuerySet(models.QuerySet["Node"]):
 
     def down(self) -> NodeQuerySet:
         return self.filter(last_seen__lt=down_before())
+
+    def with_instance_counts(self) -> NodeQuerySet:
+        """Each node annotated with `instance_count`: the instances placed on it."""
+        from instances.models import Instance
+
+        counts = (
+            Instance.objects.filter(node=OuterRef("name"))
+            .order_by()
+            .values("node")
+            .annotate(n=Count("pk"))
+            .values("n")
+        )
+        return self.annotate(instance_count=Coalesce(Subquery(counts), 0))
 
 
 class Node(models.Model):

@@ -22,8 +22,6 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db.models import Count, OuterRef, Subquery
-from django.db.models.functions import Coalesce
 
 from instances import process
 from instances.errors import NodeDown, NodeNotFound, PortConflict
@@ -74,15 +72,7 @@ def place(requested: str | None = None) -> Target:
 def choose(exclude: Collection[str]) -> Target | None:
     """The up node (not in `exclude`) with room that has the fewest instances, then the
     most free GPU memory; None when there is none. Its row is locked."""
-    counts = (
-        Instance.objects.filter(node=OuterRef("name"))
-        .order_by()
-        .values("node")
-        .annotate(n=Count("pk"))
-        .values("n")
-    )
-    nodes = Node.objects.up().exclude(name__in=list(exclude))
-    nodes = nodes.annotate(instance_count=Coalesce(Subquery(counts), 0))
+    nodes = Node.objects.up().exclude(name__in=list(exclude)).with_instance_counts()
     with_room = [
         node for node in nodes if node.instance_count < node.port_end - node.port_start + 1
     ]

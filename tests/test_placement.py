@@ -112,3 +112,22 @@ def test_failover_comes_from_the_request_or_the_default(settings: Any, api: Any)
     assert response.status_code == 201 and response.json()["failover"] is True
     response = api.post("/instances", {"name": "n", "model_id": "m", "failover": "x"}, "json")
     assert (response.status_code, response.json()["code"]) == (400, "VALIDATION_ERROR")
+
+
+def test_the_admin_add_form_places_on_a_named_node_or_says_why_not(
+    spread: None, admin_client: Any, settings: Any
+) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    make_node("gpu-b", instance_host="10.0.0.2", port_start=38000, port_end=38009)
+    add = "/admin/instances/instance/add/"
+    form = {"name": "lost", "model_id": "org/model", "node": "nowhere", "failover": ""}
+    refused = admin_client.post(add, form)
+    assert refused.status_code == 200
+    errors = refused.context["adminform"].form.errors
+    assert list(errors) == ["node"] and "nowhere" in errors["node"][0]
+    placed = admin_client.post(add, {**form, "name": "placed", "node": "gpu-b", "failover": "true"})
+    assert placed.status_code == 302
+    made = Instance.objects.get(name="placed")
+    assert (made.node, made.host, made.port, made.failover) == ("gpu-b", "10.0.0.2", 38000, True)
+    page = admin_client.get(f"/admin/instances/instance/{made.pk}/change/").content.decode()
+    assert "gpu-b" in page

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from django.db.models import Count, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Coalesce
 from drf_spectacular.utils import extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -11,7 +9,6 @@ from rest_framework.views import APIView
 
 from instances.api.schema import errors
 from instances.errors import NodeNotFound
-from instances.models import Instance
 from nodes.api.serializers import NodeSerializer
 from nodes.models import Node
 
@@ -19,24 +16,13 @@ from nodes.models import Node
 class NodeList(APIView):
     @extend_schema(responses={200: NodeSerializer(many=True), **errors()})
     def get(self, request: Request) -> Response:
-        return Response(NodeSerializer(with_instance_counts(), many=True).data)
+        return Response(NodeSerializer(Node.objects.with_instance_counts(), many=True).data)
 
 
 class NodeDetail(APIView):
     @extend_schema(responses={200: NodeSerializer, **errors({404: ["NODE_NOT_FOUND"]})})
     def get(self, request: Request, name: str) -> Response:
-        node = with_instance_counts().filter(name=name).first()
+        node = Node.objects.with_instance_counts().filter(name=name).first()
         if node is None:
             raise NodeNotFound(f"node '{name}' not found")
         return Response(NodeSerializer(node).data)
-
-
-def with_instance_counts() -> QuerySet[Node]:
-    counts = (
-        Instance.objects.filter(node=OuterRef("name"))
-        .order_by()
-        .values("node")
-        .annotate(n=Count("pk"))
-        .values("n")
-    )
-    return Node.objects.annotate(instance_count=Coalesce(Subquery(counts), 0))
