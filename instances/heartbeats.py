@@ -17,8 +17,10 @@ not stop the process it speaks for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -35,6 +37,23 @@ WORKER_HEARTBEAT_SECS = 5.0
 GPU_SAMPLE_SECS = 10.0
 RECONCILE_TASK = "instances.tasks.reconcile"
 _NAME_LENGTH = 64  # Heartbeat.name's max_length
+
+# A fork (the worker's embedded beat, a pool process replaced) taken while a thread of the
+# parent is inside SQLite hands the child a copy of SQLite's lock bookkeeping that no
+# connection of the child will ever release: each write of the child then waits out the
+# busy timeout and fails with "database is locked" (a beat that never ticks). So the
+# heartbeat thread's database work and os.fork() exclude each other.
+_NO_FORK = threading.Lock()
+os.register_at_fork(
+    before=_NO_FORK.acquire, after_in_parent=_NO_FORK.release, after_in_child=_NO_FORK.release
+)
+
+
+@contextlib.contextmanager
+def no_fork() -> Any:
+    """Hold off os.fork() in every thread of this process for the block's duration."""
+    with _NO_FORK:
+        yield
 
 
 def worker_name(node: str) -> str:
@@ -90,9 +109,10 @@ def sample_gpus(node: str) -> int:
         return 0
 
 
-@signals.before_task_publish.connect
+@signals.after_task_publish.connect
 def beat_sends_the_tick(sender: Any = None, **kwargs: Any) -> None:
-    # Only beat sends the reconcile tick.
+    # Only beat sends the reconcile tick. Written once it is sent: a slow database must not
+    # hold the tick back until it expires.
     if sender == RECONCILE_TASK:
         record(BEAT)
 
@@ -131,14 +151,16 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
         next_sample = 0.0
         try:
             while True:
-                record(name)
-                record_node(node)
-                if time.monotonic() >= next_sample:
-                    sample_gpus(node)
-                    next_sample = time.monotonic() + GPU_SAMPLE_SECS - 1
-                # No connection held between beats: the pool forks while this runs.
-                connection.close()
+                with no_fork():
+                    record(name)
+                    record_node(node)
+                    if time.monotonic() >= next_sample:
+                        sample_gpus(node)
+                        next_sample = time.monotonic() + GPU_SAMPLE_SECS - 1
+                    # No connection held between beats: the pool forks while this runs.
+                    connection.close()
                 if self._stop.wait(WORKER_HEARTBEAT_SECS):
                     return
         finally:
-            connection.close()
+            with no_fork():
+                connection.close()

@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import shared_task, signals
 from django.conf import settings
+from django.db import connections
 from django.db.models import Count
 
 from instances import process, supervisor
@@ -143,6 +144,8 @@ def restore_instances(**kwargs: Any) -> None:
     # Whatever this node's previous worker left to kill (its kill messages died with it).
     for pk in OrphanProcess.objects.filter(node=node).values_list("pk", flat=True):
         enqueue(kill_orphan, node, [pk])
+    # The main process forks pool processes again later: no connection of it lives on.
+    connections.close_all()
 
 
 # Set once this worker is asked to stop (SIGTERM, SIGINT, SIGQUIT): only then does it stop
