@@ -165,6 +165,17 @@ def test_the_nodes_admin_page_shows_up_and_down_read_only(admin_client: Client) 
     assert detail.status_code == 200 and "down" in detail.content.decode()
 
 
+def test_the_instance_list_marks_instances_on_a_down_node(admin_client: Client) -> None:
+    make_node("up")
+    make_node("gone", seen_secs_ago=3600)
+    make_instance("here", "up", 8080, status="running")
+    make_instance("there", "gone", 8081, status="running")
+    text = admin_client.get("/admin/instances/instance/").content.decode()
+    assert text.count('tei-badge--down">down<') == 1
+    row = text[text.index(">there<") :]
+    assert row.index("gone") < row.index('tei-badge--down">down<') < row.index("</tr>")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_running_worker_keeps_its_node_up(manager_worker: Worker) -> None:
     node = wait_until(
