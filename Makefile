@@ -9,9 +9,13 @@ export TEI_MANAGER_CONFIG ?= $(CURDIR)/teimanager/default_config.toml
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export CELERY_BROKER_URL ?= redis://127.0.0.1:6379/0
+# make test's second pass runs the tests marked `postgres` on this server, where it answers
+# (and tests/test_two_nodes.py uses it in the first).
+export POSTGRES_TEST_URL ?= postgresql://postgres@127.0.0.1:5432/test
+POSTGRES_PING = $(BIN)/python -c "import sys, psycopg; psycopg.connect(sys.argv[1], connect_timeout=2).close()" '$(POSTGRES_TEST_URL)' 2>/dev/null
 REDIS_PING = $(BIN)/python -c "import os, redis; redis.Redis.from_url(os.environ['CELERY_BROKER_URL'], socket_connect_timeout=1).ping()" 2>/dev/null
 
-.PHONY: run test lint typecheck pytest bench proto redis chromium migrate superuser clean
+.PHONY: run test lint typecheck pytest pytest-postgres bench proto redis chromium migrate superuser clean
 
 # Foreground: web, worker, beat, multiplexer (and Redis when none answers) under honcho.
 # Ctrl-C stops all of them; the worker stops the instances it runs on its way out.
@@ -24,7 +28,7 @@ run: $(VENV)/.installed migrate superuser
 		{ echo "Redis is not answering at $(CELERY_BROKER_URL) and redis-server is not installed (apt-get install redis-server)."; exit 1; }
 	PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus $(BIN)/honcho -f var/Procfile.run -d $(CURDIR) start
 
-test: $(VENV)/.installed redis chromium lint typecheck pytest
+test: $(VENV)/.installed redis chromium lint typecheck pytest pytest-postgres
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +71,14 @@ typecheck: $(VENV)/.installed
 # pytest exits 5 when it collects no test; that is not a failure.
 pytest: $(VENV)/.installed
 	$(BIN)/python -m pytest; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+# The database-bound tests (races, migrations, the API, nodes and placement) once more on
+# PostgreSQL; skipped, with a line that says so, where no PostgreSQL answers.
+pytest-postgres: $(VENV)/.installed
+	@if $(POSTGRES_PING); then \
+		DATABASE_URL='$(POSTGRES_TEST_URL)' $(BIN)/python -m pytest -m postgres; rc=$$?; \
+		[ $$rc -eq 5 ] && exit 0; exit $$rc; \
+	else echo "PostgreSQL does not answer at $(POSTGRES_TEST_URL): the PostgreSQL pass is skipped."; fi
 
 bench: $(VENV)/.installed redis
 	mkdir -p benchmarks/results

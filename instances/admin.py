@@ -38,6 +38,8 @@ from instances.templatetags.tei_admin import (
     status_badge,
     utc,
 )
+from nodes.admin import node_badge
+from nodes.models import NodeStatus, is_on_down_node, with_node_seen
 
 LOG_TAIL_LINES = 100
 EVENTS_SHOWN = 50
@@ -94,6 +96,7 @@ class InstanceAdmin(TrafficAdminMixin, admin.ModelAdmin):
         "model_id",
         "port",
         "gpu",
+        "node_shown",
         "status_badge",
         "uptime",
         *TRAFFIC_COLUMNS,
@@ -109,7 +112,7 @@ class InstanceAdmin(TrafficAdminMixin, admin.ModelAdmin):
     add_form = InstanceCreateForm
     add_fieldsets = [
         ("Model", {"fields": ["name", "model_id", "pooling"]}),
-        ("Placement", {"fields": ["port", "prometheus_port", "gpu_id"]}),
+        ("Placement", {"fields": ["node", "failover", "port", "prometheus_port", "gpu_id"]}),
         (
             "Limits",
             {
@@ -156,6 +159,7 @@ class InstanceAdmin(TrafficAdminMixin, admin.ModelAdmin):
                     "startup_timeout",
                     "extra_args_shown",
                     "node",
+                    "failover",
                     "created",
                 ],
                 "description": "Instances are immutable: to change one, delete it and add "
@@ -362,6 +366,16 @@ class InstanceAdmin(TrafficAdminMixin, admin.ModelAdmin):
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj: Instance) -> SafeString:
         return status_badge(obj.name, obj.status)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Instance]:
+        return with_node_seen(super().get_queryset(request))
+
+    @admin.display(description="node", ordering="node")
+    def node_shown(self, obj: Instance) -> SafeString:
+        """The node, with a "down" badge while it is (its instance is then unreachable)."""
+        if is_on_down_node(obj):
+            return format_html("{} {}", obj.node, node_badge(NodeStatus.DOWN))
+        return format_html("{}", obj.node)
 
     @admin.display(description="GPU", ordering="gpu_id")
     def gpu(self, obj: Instance) -> str:

@@ -71,6 +71,18 @@ class NotRunning(TeiManagerError):
     default_message = "instance is not running"
 
 
+class NodeNotFound(TeiManagerError):
+    status_code = 404
+    code = "NODE_NOT_FOUND"
+    default_message = "no such node"
+
+
+class NodeDown(TeiManagerError):
+    status_code = 409
+    code = "NODE_DOWN"
+    default_message = "the node is down"
+
+
 class NotFound(TeiManagerError):
     status_code = 404
     code = "NOT_FOUND"

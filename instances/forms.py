@@ -18,6 +18,8 @@ from instances.models import Instance, Pooling
 ERROR_FIELDS: dict[type[errors.TeiManagerError], str] = {
     errors.InstanceExists: "name",
     errors.PortConflict: "port",
+    errors.NodeNotFound: "node",
+    errors.NodeDown: "node",
 }
 
 
@@ -42,6 +44,10 @@ class InstanceCreateForm(forms.ModelForm):
         label="Startup timeout (seconds)", widget=forms.NumberInput
     )
     auto_truncate = forms.BooleanField(label="Auto-truncate")
+    node = forms.CharField()
+    failover = forms.CharField(
+        widget=forms.Select(choices=[("", "the default"), ("true", "yes"), ("false", "no")])
+    )
     extra_args = forms.CharField(
         label="Extra arguments", widget=forms.Textarea(attrs={"rows": 3, "cols": 60})
     )
@@ -132,6 +138,10 @@ def _help_texts() -> dict[str, str]:
         "(--auto-truncate).",
         "startup_timeout_secs": "Seconds the model may take to load before the start counts "
         f"as failed. Empty: the manager's default, {tei.startup_timeout_secs}s.",
+        "node": "The node to run it on (the Nodes page lists them). Empty: "
+        + ("this node." if tei.placement == "local" else "an up node with room."),
+        "failover": "Start it on another node when its node is down. Default: "
+        f"{'yes' if tei.failover_default else 'no'}.",
         "extra_args": "More text-embeddings-router flags, one argument per line: e.g. "
         "--auto-truncate, or --dtype and then float16 on the next line. They are passed "
         "as arguments, never through a shell.",

@@ -2,7 +2,8 @@
 
 - `beat`: celery beat, each time it sends the reconcile tick;
 - `worker.<node>`: each node's worker, from a thread of its main process (a bootstep), every
-  WORKER_HEARTBEAT_SECS, for as long as that process lives;
+  WORKER_HEARTBEAT_SECS, for as long as that process lives; the same thread writes the
+  node's row (nodes.Node: capacity and last_seen), which decides whether the node is up;
 - `reconcile` is written by the tick itself (supervisor.reconcile_node) and `multiplexer`
   by the multiplexer's routing refresher.
 
@@ -79,6 +80,21 @@ def record(name: str) -> bool:
     return True
 
 
+def record_node(node: str) -> bool:
+    """Write this node's row (nodes.Node: its capacity, seen now); False when refused."""
+    from django.db import close_old_connections
+
+    from nodes import registry
+
+    try:
+        close_old_connections()
+        registry.register(node)
+    except Exception as exc:
+        log.warning("cannot write the row of node %s: %s", node, exc)
+        return False
+    return True
+
+
 def sample_gpus(node: str) -> int:
     """Write one sample per GPU of this host; the number written (0: no GPU, or the
     database refused, which is logged)."""
@@ -137,6 +153,7 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
             while True:
                 with no_fork():
                     record(name)
+                    record_node(node)
                     if time.monotonic() >= next_sample:
                         sample_gpus(node)
                         next_sample = time.monotonic() + GPU_SAMPLE_SECS - 1

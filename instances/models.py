@@ -55,6 +55,8 @@ class Instance(models.Model):
     extra_args = models.JSONField(default=list, blank=True)
     node = models.CharField(max_length=255, default="")
     host = models.CharField(max_length=255, default="127.0.0.1")
+    # When its node goes down, place it on another node and start it there (nodes/failover.py).
+    failover = models.BooleanField(default=False)
     # The instance's own API key, generated at create and passed to it as API_KEY: the
     # multiplexer and the health check send it, so the instance's port refuses everyone
     # else. Never shown (API, admin, logs); `repr` of a row does not print fields.

@@ -17,7 +17,7 @@ from django.db.models import Case, F, Q, When
 
 from access import audit
 from access.audit import SYSTEM, Actor
-from instances import logs, process, tasks
+from instances import logs, tasks
 from instances.errors import (
     AlreadyRunning,
     InstanceExists,
@@ -28,6 +28,7 @@ from instances.errors import (
     ValidationFailed,
 )
 from instances.models import Counter, DesiredState, Instance, OrphanProcess, Status
+from nodes import placement
 from telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def create_instance(actor: Actor = SYSTEM, **fields: Any) -> Instance:
             with transaction.atomic():
                 instance = _insert(fields)
         except IntegrityError:
-            # Only reachable on PostgreSQL (SQLite's IMMEDIATE transactions serialise creates).
+            # Not expected: creates take turns (_insert); a port another node's move took.
             if Instance.objects.filter(name=fields.get("name")).exists():
                 raise InstanceExists(f"instance '{fields.get('name')}' already exists") from None
             raise PortConflict("port was taken by a concurrent create; try again") from None
@@ -180,21 +181,17 @@ def get_instance(name: str) -> Instance:
 def _insert(fields: dict[str, Any]) -> Instance:
     config = settings.TEI
     name = fields["name"]
+    # Creates take turns: the counter's row stays locked until this create commits (on
+    # PostgreSQL a row lock; SQLite's IMMEDIATE transaction holds the whole database), so
+    # the checks below see every create before it. A refused create rolls it back.
+    Counter.increment(CREATED_COUNTER)
     if Instance.objects.filter(name=name).exists():
         raise InstanceExists(f"instance '{name}' already exists")
     if Instance.objects.count() >= config.max_instances:
         raise MaxInstancesReached(f"the maximum of {config.max_instances} instances is reached")
-    node = settings.NODE_NAME
-    used = _ports_in_use(node)
-    port = _claim_port(
-        fields.get("port"), used, config.instance_port_start, config.instance_port_end
-    )
-    used.add(port)
-    prometheus_port = _claim_port(
-        fields.get("prometheus_port"),
-        used,
-        config.prometheus_port_start,
-        config.prometheus_port_end,
+    target = placement.place(fields.get("node"))  # nodes/placement.py: where, and its ports
+    port, prometheus_port = placement.allocate_ports(
+        target, fields.get("port"), fields.get("prometheus_port")
     )
     values = {key: value for key, value in fields.items() if value is not None}
     values.update(
@@ -202,42 +199,20 @@ def _insert(fields: dict[str, Any]) -> Instance:
         prometheus_port=prometheus_port,
         # The instance's own key (API_KEY in its environment): only the manager knows it.
         api_key=secrets.token_urlsafe(32),
-        node=node,
-        host=settings.INSTANCE_HOST,
+        node=target.node,
+        host=target.host,
         status=Status.PENDING,
         desired_state=DesiredState.RUNNING,
     )
     values.setdefault("startup_timeout_secs", config.startup_timeout_secs)
+    values.setdefault("failover", config.failover_default)
     values["pooling"] = values.get("pooling") or ""
     try:
         instance = Instance.objects.create(**values)
     except TypeError as exc:
         raise ValidationFailed(str(exc)) from None
-    Counter.increment(CREATED_COUNTER)
     _enqueue_on_commit(tasks.launch_instance, instance)
     return instance
-
-
-def _ports_in_use(node: str) -> set[int]:
-    used: set[int] = set()
-    for port, prometheus_port in Instance.objects.filter(node=node).values_list(
-        "port", "prometheus_port"
-    ):
-        used.update((port, prometheus_port))
-    return used
-
-
-def _claim_port(requested: int | None, used: set[int], first: int, last: int) -> int:
-    if requested is not None:
-        if requested in used:
-            raise PortConflict(f"port {requested} is already used by another instance")
-        if not process.port_is_free(requested):
-            raise PortConflict(f"port {requested} is already in use on this host")
-        return requested
-    for port in range(first, last + 1):
-        if port not in used and process.port_is_free(port):
-            return port
-    raise PortConflict(f"no free port left in {first}-{last}")
 
 
 def _set_desired(instance: Instance, states: list[str], desired: str) -> bool:

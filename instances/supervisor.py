@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from instances import logs, process
@@ -56,7 +56,7 @@ class Work:
 
 def launch(pk: int) -> None:
     """Start the process of a `pending` instance (stopping a previous one first)."""
-    instance = Instance.objects.filter(pk=pk, status=Status.PENDING).first()
+    instance = _own(pk).filter(status=Status.PENDING).first()
     if instance is None or instance.desired_state != DesiredState.RUNNING:
         return
     if instance.pid is not None and not _retire(instance):
@@ -113,7 +113,7 @@ def launch(pk: int) -> None:
 def watch_start(pk: int) -> list[Work]:
     """Check a starting instance once, so that `running` does not wait for the next beat
     tick. WATCH among the work while it is still starting and worth another look."""
-    instance = Instance.objects.filter(pk=pk, status=Status.STARTING).first()
+    instance = _own(pk).filter(status=Status.STARTING).first()
     if instance is None:
         return []
     alive = process.is_alive(instance.pid, instance.process_started_at)
@@ -126,7 +126,7 @@ def watch_start(pk: int) -> list[Work]:
 
 def stop(pk: int) -> None:
     """Stop the process of a `stopping` instance; start it again if that is wanted now."""
-    instance = Instance.objects.filter(pk=pk, status=Status.STOPPING).first()
+    instance = _own(pk).filter(status=Status.STOPPING).first()
     if instance is None:
         return
     process.terminate(instance.pid, instance.process_started_at, _grace())
@@ -272,6 +272,12 @@ def shutdown_node(node: str, grace_secs: float) -> None:
         instance.transition(Status.values, Status.STOPPED, same_process=True, pid=None)
     if instances:
         log.info("stopped %d instance(s) of node %s", len(instances), node)
+
+
+def _own(pk: int) -> QuerySet[Instance]:
+    """The row `pk` while it belongs to this worker's node: a message sent before its
+    instance moved to another node (failover, nodes/failover.py) finds nothing."""
+    return Instance.objects.filter(pk=pk, node=settings.NODE_NAME)
 
 
 def _retire(instance: Instance) -> bool:

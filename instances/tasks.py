@@ -19,6 +19,7 @@ from django.db.models import Count
 
 from instances import process, supervisor
 from instances.models import Instance, OrphanProcess, Status
+from nodes import failover
 from telemetry import propagation, series, tracing
 from telemetry.models import GpuSample, StatusSample
 
@@ -66,7 +67,12 @@ def kill_orphan(pk: int) -> None:
 
 @shared_task(name="instances.tasks.reconcile", ignore_result=True)
 def reconcile() -> None:
-    """The beat tick: reconcile this node here, and every other node on its own queue."""
+    """The beat tick: move failover instances off nodes that are down (nodes/failover.py),
+    reconcile this node here, and every other node on its own queue."""
+    for move in failover.fail_over():
+        enqueue(launch_instance, move.new_node, [move.pk])
+        if move.orphan is not None:
+            enqueue(kill_orphan, move.old_node, [move.orphan])
     nodes = set(Instance.objects.values_list("node", flat=True).distinct())
     for node in sorted(nodes - {settings.NODE_NAME}):
         expires = float(settings.TEI.health_check_interval_secs)

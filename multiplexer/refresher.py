@@ -36,25 +36,31 @@ HEARTBEAT_INTERVAL_SECS = 5.0
 
 
 def load_routing_table() -> RoutingTable:
-    """Read every instance, whatever its state: a known but stopped one is UNAVAILABLE."""
+    """Read every instance, whatever its state: a known but stopped one is UNAVAILABLE, and
+    so is one on a node that is down. An instance is dialled at its node's instance_host
+    (nodes.Node), else at the host its row records."""
     from instances.models import Instance
+    from nodes.models import node_addresses
 
+    nodes = node_addresses()
     rows = Instance.objects.values_list(
         "name", "model_id", "host", "port", "status", "max_concurrent_requests", "pooling",
-        "auto_truncate", "api_key",
+        "auto_truncate", "api_key", "node",
     )  # fmt: skip
     return RoutingTable.build(
         Route(
             name=name,
             model_id=model_id,
-            address=dial_address(host, port),
+            address=dial_address(nodes[node][0] if node in nodes else host, port),
             status=status,
             max_concurrent_requests=limit,
             pooling=pooling,
             auto_truncate=auto_truncate,
             credentials=(("authorization", f"Bearer {key}"),) if key else (),
+            node_down=node in nodes and not nodes[node][1],
+            node=node,
         )
-        for name, model_id, host, port, status, limit, pooling, auto_truncate, key in rows
+        for name, model_id, host, port, status, limit, pooling, auto_truncate, key, node in rows
     )
 
 

@@ -44,10 +44,18 @@ class Route:
     auto_truncate: bool = True
     # The metadata that carries the instance's own key (`authorization: Bearer ...`).
     credentials: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # Its node's worker stopped writing (nodes.Node): unreachable, whatever its status says.
+    node_down: bool = False
+    node: str = ""
 
     @property
     def running(self) -> bool:
-        return self.status == RUNNING
+        return self.status == RUNNING and not self.node_down
+
+    @property
+    def state(self) -> str:
+        """Why it may not serve, in words: its status, or its node being down."""
+        return f"unreachable, node '{self.node}' is down" if self.node_down else self.status
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,7 @@ class RoutingTable:
         if not route.running:
             raise RoutingError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"instance '{name}' is not running (status: {route.status})",
+                f"instance '{name}' is not running (status: {route.state})",
             )
         return route
 
@@ -106,7 +114,7 @@ class RoutingTable:
             raise RoutingError(grpc.StatusCode.NOT_FOUND, f"no instance serves model '{model_id}'")
         running = tuple(route for route in routes if route.running)
         if not running:
-            states = ", ".join(f"{r.name}: {r.status}" for r in routes)
+            states = ", ".join(f"{r.name}: {r.state}" for r in routes)
             raise RoutingError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"no running instance serves model '{model_id}' ({states})",
@@ -186,7 +194,7 @@ class Router:
         for name, gate in list(self.gates.items()):
             route = table.by_name.get(name)
             if route is None or not route.running:
-                state = "was deleted" if route is None else f"is {route.status}"
+                state = "was deleted" if route is None else f"is {route.state}"
                 gate.refuse_waiters(
                     RoutingError(grpc.StatusCode.UNAVAILABLE, f"instance '{name}' {state}")
                 )

@@ -29,6 +29,9 @@ class ConfigError(Exception):
 
 # A setting that is decided from the deployment unless forced either way.
 MODES = ("auto", "true", "false")
+# Where a create without `node` goes: "spread" over the registered nodes that are up (the
+# fewest instances first), or "local": the creating process's own node (TEI_MANAGER_NODE).
+PLACEMENTS = ("spread", "local")
 
 
 def _port(label: str, value: Any) -> None:
@@ -62,6 +65,17 @@ def _ip_address(label: str, value: Any) -> None:
 def _mode(label: str, value: Any) -> None:
     if value not in MODES:
         raise ConfigError(f"{label} must be one of {', '.join(MODES)}, got {value!r}")
+
+
+def _node_timeout(label: str, value: Any) -> None:
+    # Workers write their node's row every 5 s: a shorter timeout would flap.
+    if value < 10:
+        raise ConfigError(f"{label} must be at least 10 (seconds), got {value!r}")
+
+
+def _placement(label: str, value: Any) -> None:
+    if value not in PLACEMENTS:
+        raise ConfigError(f"{label} must be one of {', '.join(PLACEMENTS)}, got {value!r}")
 
 
 def _log_level(label: str, value: Any) -> None:
@@ -159,6 +173,11 @@ class Config:
     # URL ("": no tracing).
     log_format: str = setting("text", "TEI_MANAGER_LOG_FORMAT", check=_log_format)
     otlp_endpoint: str = setting("", "OTEL_EXPORTER_OTLP_ENDPOINT", check=_otlp_endpoint)
+    # Nodes: a node whose worker has not written its row for this long is down; a create
+    # without `node` is placed as `placement` says; `failover` for a create that omits it.
+    node_timeout_secs: int = setting(30, "TEI_MANAGER_NODE_TIMEOUT", check=_node_timeout)
+    placement: str = setting("spread", "TEI_MANAGER_PLACEMENT", check=_placement)
+    failover_default: bool = setting(False, "TEI_MANAGER_FAILOVER_DEFAULT")
     # -- in the TOML file only ---------------------------------------------------------
     startup_timeout_secs: int = setting(300)
     max_failures_before_restart: int = setting(3)

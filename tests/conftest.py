@@ -3,7 +3,9 @@
 Isolation (set up when this file is imported, before any test runs):
 - the test database is a *file* (`SESSION_DIR/test.sqlite3`), so a Celery worker
   subprocess, a gunicorn or the multiplexer can open it; tests whose rows other processes
-  must see need `@pytest.mark.django_db(transaction=True)`;
+  must see need `@pytest.mark.django_db(transaction=True)`; with a PostgreSQL
+  DATABASE_URL it is the database `test_teimanager_<session>` on that server, and
+  TEST_ENV's DATABASE_URL names it for those processes;
 - Celery talks to Redis DB `TEST_REDIS_DB` (15) with queue names unique to this session
   (`TEST_DEFAULT_QUEUE`, node `TEST_NODE`), so it never meets a running `make run` or
   another test session;
@@ -39,6 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dj_database_url
 import pytest
 from django.conf import settings
 
@@ -77,6 +80,10 @@ instance_port_start = {_PORT_BASE}
 instance_port_end = {_PORT_BASE + 199}
 prometheus_port_start = {_PORT_BASE + 200}
 prometheus_port_end = {_PORT_BASE + 399}
+# Creates stay on the creating process's node (settings.NODE_NAME, which tests set): the
+# session's workers register several nodes in one database. tests/test_placement.py and
+# tests/test_two_nodes.py place with "spread".
+placement = "local"
 """
 )
 TEST_ENV = {
@@ -101,6 +108,22 @@ TEST_ENV = {
 }
 
 
+def _test_database_url() -> str:
+    """With DATABASE_URL (PostgreSQL: `make test`'s second pass), the URL of this session's
+    own test database (pytest-django creates it, named below), which every worker, web and
+    multiplexer the tests start must open; "" on SQLite."""
+    url = os.environ.get("DATABASE_URL", "")
+    if not url or dj_database_url.parse(url)["ENGINE"].endswith("sqlite3"):
+        return ""
+    return url.rsplit("/", 1)[0] + "/" + POSTGRES_TEST_DB
+
+
+POSTGRES_TEST_DB = f"test_teimanager_{SESSION_ID}"
+TEST_DATABASE_URL = _test_database_url()
+if TEST_DATABASE_URL:
+    TEST_ENV["DATABASE_URL"] = TEST_DATABASE_URL
+
+
 def _isolate() -> None:
     # Celery takes CELERY_BROKER_URL from the environment before its own configuration, and
     # `make test` exports the production default: every publish of this process would go
@@ -112,6 +135,7 @@ def _isolate() -> None:
         "LOCALTEI_CACHE",
         "CELERY_BROKER_URL",
         "CELERY_TASK_DEFAULT_QUEUE",
+        *(["DATABASE_URL"] if TEST_DATABASE_URL else []),
     ):
         os.environ[key] = TEST_ENV[key]
     os.environ.pop("TEI_BINARY_PATH", None)
@@ -135,7 +159,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings() -> None:
-    settings.DATABASES["default"].setdefault("TEST", {})["NAME"] = str(TEST_DB)
+    test = settings.DATABASES["default"].setdefault("TEST", {})
+    test["NAME"] = POSTGRES_TEST_DB if TEST_DATABASE_URL else str(TEST_DB)
 
 
 @pytest.fixture
@@ -155,7 +180,8 @@ class Worker(CeleryWorker):
 
     def __init__(self, node: str, env: dict[str, str], name: str) -> None:
         full_env = {**os.environ, **TEST_ENV, "TEI_MANAGER_NODE": node, **env}
-        full_env.pop("DATABASE_URL", None)
+        if not TEST_DATABASE_URL:
+            full_env.pop("DATABASE_URL", None)
         log_file = SESSION_DIR / f"worker-{name}.log"
         super().__init__(node, full_env, log_file, schedule=SESSION_DIR / f"beat-{name}")
 

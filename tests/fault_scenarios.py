@@ -331,7 +331,8 @@ def sqlite_writers(stack: Stack, writers: int = WRITERS) -> Recovery:
     rows say exactly what the calls imply."""
     whole(stack)
     node = f"{stack.node}-writers"
-    env = {**stack.env, "TEI_MANAGER_NODE": node}
+    # Creates stay on the writers' own node, which no worker serves: nothing launches.
+    env = {**stack.env, "TEI_MANAGER_NODE": node, "TEI_MANAGER_PLACEMENT": "local"}
     created = _counter(stack, "instances_created")
     writer = subprocess.Popen(
         [sys.executable, "-m", "tests.fault_writer", str(writers)],

@@ -40,7 +40,8 @@ class LiveWeb:
         self.env = {**os.environ, **TEST_ENV, "TEI_MANAGER_API_PORT": str(self.port), **env}
         self.env["TEI_MANAGER_BIND"] = "127.0.0.1"
         for key in ("ALLOWED_HOSTS", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR"):
-            self.env.pop(key, None)
+            if key not in TEST_ENV:  # TEST_ENV names the PostgreSQL test database, if any
+                self.env.pop(key, None)
         self.env.update(env)
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -22,7 +22,7 @@ from access.models import ApiKey, AuditEvent
 from teimanager.config import ConfigError, is_loopback, load_config
 from tests.conftest import ROOT, TEST_ENV
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
 
 def run(*args: Any) -> str:

@@ -20,7 +20,7 @@ from instances.forms import InstanceCreateForm
 from instances.models import Instance
 from tests.fake_nvml import use_fake_gpus
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
 LIST = "/admin/instances/instance/"
 ADD = "/admin/instances/instance/add/"
@@ -292,7 +292,7 @@ def test_it_passes_every_field_to_the_service(admin_client: Client, settings: An
             "extra_args": "--dtype\nfloat32\n\n",
         },
     )
-    assert response.status_code == 302
+    assert response.status_code == 302, response.context["adminform"].form.errors
     made = Instance.objects.get(name="full")
     assert (made.pooling, made.port, made.prometheus_port) == ("mean", port, port + 1)
     assert (made.max_batch_tokens, made.max_concurrent_requests) == (2048, 8)

@@ -16,7 +16,7 @@ from instances import gpu
 from instances.models import Heartbeat, Instance, Status
 from tests.fake_nvml import use_fake_gpus, use_no_nvml
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -19,7 +19,7 @@ from access.models import ApiKey, AuditEvent
 from instances.models import Instance
 from tests.test_api import MODEL, assert_error
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ def test_every_operation_documents_its_errors_as_the_envelope(schema: dict[str, 
         for path, item in schema["paths"].items()
         for method, operation in item.items()
     ]
-    assert len(operations) == 10
+    assert len(operations) == 12
     for method, path, operation in operations:
         responses = operation["responses"]
         expected = {"400", "405", "500"} | ({"403"} if method in UNSAFE else set())

@@ -20,7 +20,7 @@ from instances.models import Instance
 from tests.conftest import SESSION_ID
 from tests.stack import instance_processes, listener
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 
 
 def post(url: str, payload: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:

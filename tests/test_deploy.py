@@ -289,3 +289,41 @@ def test_systemd_runs_one_unit_per_process_restarted_on_failure() -> None:
         if re.match(r"^#? ?[A-Z_]+=", line)
     }
     assert variables <= set(env_vars()) | {CONFIG_FILE_ENV} | LIBRARY_VARS
+
+
+WORKER_COMPOSE = ROOT / "docker" / "compose.worker.yml"
+# What an operator gives a worker-only host (compose refuses to start without them).
+WORKER_HOST_ENV = {
+    "DATABASE_URL": "postgres://tei:secret@10.0.0.1:5432/tei",
+    "CELERY_BROKER_URL": "redis://10.0.0.1:6379/0",
+    "TEI_MANAGER_NODE": "gpu-2",
+    "TEI_MANAGER_INSTANCE_HOST": "10.0.0.2",
+    "TEI_MANAGER_INSTANCE_BIND": "10.0.0.2",
+}
+
+
+def test_a_worker_only_host_runs_the_same_worker_joined_to_a_remote_control_plane(
+    services: dict[str, Any],
+) -> None:
+    compose = yaml.safe_load(WORKER_COMPOSE.read_text())
+    (name,) = compose["services"]
+    worker = compose["services"][name]
+    main = services["worker"]
+    assert_same_process(procfile()["worker"], command(worker))
+    assert command(worker) == command(main)
+    for key in ("build", "image", "restart", "healthcheck", "stop_grace_period"):
+        assert worker[key] == main[key], key
+    # Instances listen on the host's own address, at ports of its ranges.
+    assert worker["network_mode"] == "host" and "ports" not in worker
+    raw = worker["environment"]
+    required = {key for key, value in raw.items() if re.fullmatch(r"\$\{\w+:\?[^}]+\}", value)}
+    assert required == set(WORKER_HOST_ENV)
+    env = {**dockerfile_env(), **environment(worker), **WORKER_HOST_ENV}
+    env.pop(CONFIG_FILE_ENV)
+    config = load_config(env=env)  # raises ConfigError on a bad value
+    assert config.node == "gpu-2" and config.instance_host == "10.0.0.2"
+    assert urlsplit(config.database_url).scheme.startswith("postgres")
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in worker["volumes"]}
+    assert mounts[dockerfile_env()["TEI_MANAGER_LOG_DIR"]] == "instance-logs"
+    assert mounts[dockerfile_env()["HF_HOME"]] == "hf-cache"
+    assert set(compose["volumes"]) == set(mounts.values())

@@ -20,7 +20,7 @@ from instances.heartbeats import WORKER_HEARTBEAT_SECS, worker_name
 from instances.models import Heartbeat, Instance
 from tests.conftest import TEST_NODE, wait_until
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
 LONG_AGO = timedelta(hours=1)
 WORKER = worker_name(TEST_NODE)
@@ -119,8 +119,11 @@ def test_it_answers_503_when_the_database_does_not_answer(
 ) -> None:
     beat_all()
     connection.close()
-    # A database file that cannot be opened: its directory does not exist.
-    monkeypatch.setitem(connection.settings_dict, "NAME", str(tmp_path / "gone" / "db.sqlite3"))
+    # A database file that cannot be opened (its directory does not exist), or, on
+    # PostgreSQL, a database that does not exist.
+    sqlite = connection.vendor == "sqlite"
+    gone = str(tmp_path / "gone" / "db.sqlite3") if sqlite else "test_teimanager_gone"
+    monkeypatch.setitem(connection.settings_dict, "NAME", gone)
     try:
         response = api.get("/health")
         verdict = health.evaluate()
@@ -130,7 +133,8 @@ def test_it_answers_503_when_the_database_does_not_answer(
     assert response.status_code == 503
     assert response.json()["database"] == "unavailable"
     assert response.json()["status"] == "unhealthy"
-    assert "unable to open database file" in verdict.database_error
+    reason = "unable to open database file" if sqlite else 'database "test_teimanager_gone"'
+    assert reason in verdict.database_error
 
 
 @pytest.mark.parametrize("stale", [(), ("beat",), ("reconcile", "multiplexer"), ("worker",)])

@@ -12,7 +12,7 @@ from instances import gpu, services
 from instances.models import Instance, Status
 from tests.fake_nvml import use_fake_gpus, use_no_nvml
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
 
 def scrape(api: Any) -> str:

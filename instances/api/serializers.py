@@ -21,6 +21,7 @@ from instances import gpu
 from instances.errors import InvalidGpuId, InvalidPort, ValidationFailed
 from instances.launch import refuse_managed_flags
 from instances.models import Instance, Pooling
+from nodes.models import down_node_names
 from teimanager.config import ConfigError
 
 # \A…\Z, not ^…$: "$" also matches before a trailing newline, and a name names a file.
@@ -101,6 +102,20 @@ class InstanceCreateSerializer(serializers.Serializer):
         required=False,
         default=list,
         max_length=256,
+    )
+    node = StrictCharField(
+        required=False,
+        allow_null=True,
+        default=None,
+        max_length=255,
+        help_text="The node to run it on (GET /nodes); left out: an up node with room.",
+    )
+    failover = serializers.BooleanField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Start it on another node when its node is down; left out: the config's "
+        "failover_default.",
     )
 
     def to_internal_value(self, data: Any) -> Any:
@@ -196,6 +211,11 @@ class InstanceSerializer(serializers.ModelSerializer):
     # Declared, not derived: a read-only model field loses allow_blank, and "" (the model's
     # own pooling) belongs in the schema's enum.
     pooling = serializers.ChoiceField(choices=Pooling.choices, allow_blank=True, read_only=True)
+    reachable = serializers.BooleanField(
+        read_only=True,
+        help_text="false while its node is down (GET /nodes): it is not served, whatever "
+        "its status says.",
+    )
 
     class Meta:
         model = Instance
@@ -213,6 +233,7 @@ class InstanceSerializer(serializers.ModelSerializer):
             "startup_timeout_secs",
             "extra_args",
             "node",
+            "failover",
             "desired_state",
             "status",
             "pid",
@@ -223,35 +244,44 @@ class InstanceSerializer(serializers.ModelSerializer):
             "last_error",
             "created_at",
             "updated_at",
+            "reachable",
         ]
         read_only_fields = fields
 
     def to_representation(self, instance: Instance) -> dict[str, Any]:
-        return represent({name: getattr(instance, name) for name in self.Meta.fields})
+        data = represent({name: getattr(instance, name) for name in _MODEL_FIELDS})
+        data["reachable"] = instance.node not in down_node_names()
+        return data
 
 
 def list_instances_json() -> str:
     """Every instance as InstanceSerializer shows it, as one JSON array. GET /instances
     lists hundreds: on SQLite the database builds the JSON itself."""
+    down = sorted(down_node_names())
     if connection.vendor != "sqlite":
-        rows = Instance.objects.values(*InstanceSerializer.Meta.fields)
-        return json.dumps([represent(row) for row in rows], separators=(",", ":"))
+        rows = Instance.objects.values(*_MODEL_FIELDS)
+        listed = [{**represent(row), "reachable": row["node"] not in down} for row in rows]
+        return json.dumps(listed, separators=(",", ":"))
     columns = []
-    for name in InstanceSerializer.Meta.fields:
+    for name in _MODEL_FIELDS:
         if name in _DATETIME_FIELDS:  # stored as "YYYY-MM-DD HH:MM:SS[.ffffff]" in UTC
             value = f"replace({name}, ' ', 'T') || 'Z'"
-        elif name == "auto_truncate":
+        elif name in ("auto_truncate", "failover"):
             value = f"json(CASE WHEN {name} THEN 'true' ELSE 'false' END)"
         elif name == "extra_args":
             value = f"json({name})"
         else:
             value = name
         columns.append(f"'{name}', {value}")
+    # Unreachable: on a registered node that is down (REST row field "reachable").
+    marks = ", ".join("%s" for _ in down)
+    on_down_node = f"node IN ({marks})" if down else "0"
+    columns.append(f"'reachable', json(CASE WHEN {on_down_node} THEN 'false' ELSE 'true' END)")
     table = Instance._meta.db_table
     query = f"SELECT json_group_array(json_object({', '.join(columns)})) FROM "  # noqa: S608
     query += f"(SELECT * FROM {table} ORDER BY name)"
     with connection.cursor() as cursor:
-        cursor.execute(query)
+        cursor.execute(query, down)
         return str(cursor.fetchone()[0])
 
 
@@ -261,6 +291,8 @@ def represent(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+# The columns of a row; "reachable" is derived from the node registry.
+_MODEL_FIELDS = [name for name in InstanceSerializer.Meta.fields if name != "reachable"]
 _DATETIME_FIELDS = ("started_at", "last_health_check", "created_at", "updated_at")
 
 

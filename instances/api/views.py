@@ -54,7 +54,8 @@ class InstanceList(APIView):
             **errors(
                 {
                     400: _INVALID_FIELD,
-                    409: ["INSTANCE_EXISTS"],
+                    404: ["NODE_NOT_FOUND"],
+                    409: ["INSTANCE_EXISTS", "NODE_DOWN"],
                     422: ["PORT_CONFLICT", "MAX_INSTANCES_REACHED"],
                 },
                 changes_state=True,
