@@ -71,6 +71,7 @@ INSTALLED_APPS = [
     "rest_framework_api_key",
     "access",
     "instances",
+    "registry",
     "multiplexer",
     "telemetry",
 ]

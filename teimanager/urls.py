@@ -11,6 +11,7 @@ urlpatterns = [
     path("api/schema", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("", include("instances.api.urls")),
+    path("", include("registry.urls")),
 ]
 
 handler400 = "instances.api.errors.bad_request"

@@ -102,6 +102,14 @@ class InstanceCreateSerializer(serializers.Serializer):
         default=list,
         max_length=256,
     )
+    idle_timeout_secs = serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_INT,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Stop it after this long without a call (null: its model's setting, if any).",
+    )
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):
@@ -212,6 +220,8 @@ class InstanceSerializer(serializers.ModelSerializer):
             "auto_truncate",
             "startup_timeout_secs",
             "extra_args",
+            "idle_timeout_secs",
+            "on_demand",
             "node",
             "desired_state",
             "status",
@@ -221,6 +231,7 @@ class InstanceSerializer(serializers.ModelSerializer):
             "health_check_failures",
             "last_health_check",
             "last_error",
+            "last_call_at",
             "created_at",
             "updated_at",
         ]
@@ -240,7 +251,7 @@ def list_instances_json() -> str:
     for name in InstanceSerializer.Meta.fields:
         if name in _DATETIME_FIELDS:  # stored as "YYYY-MM-DD HH:MM:SS[.ffffff]" in UTC
             value = f"replace({name}, ' ', 'T') || 'Z'"
-        elif name == "auto_truncate":
+        elif name in ("auto_truncate", "on_demand"):
             value = f"json(CASE WHEN {name} THEN 'true' ELSE 'false' END)"
         elif name == "extra_args":
             value = f"json({name})"
@@ -256,12 +267,16 @@ def list_instances_json() -> str:
 
 
 def represent(data: dict[str, Any]) -> dict[str, Any]:
-    for name in _DATETIME_FIELDS:
+    return represent_times(data, _DATETIME_FIELDS)
+
+
+def represent_times(data: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    for name in names:
         data[name] = iso(data[name])
     return data
 
 
-_DATETIME_FIELDS = ("started_at", "last_health_check", "created_at", "updated_at")
+_DATETIME_FIELDS = ("started_at", "last_health_check", "last_call_at", "created_at", "updated_at")
 
 
 @overload
