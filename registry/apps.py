@@ -1,6 +1,21 @@
+from typing import Any
+
 from django.apps import AppConfig
 
 
 class RegistryConfig(AppConfig):
     name = "registry"
     verbose_name = "Registry: models, downloads and checks"
+
+    def ready(self) -> None:
+        from instances import forms
+
+        forms.registered_models = registered_models
+
+
+def registered_models() -> dict[str, dict[str, Any]]:
+    """Model id -> the create fields an instance of it gets (the instance add form's)."""
+    from registry.models import Model
+    from registry.services import instance_defaults
+
+    return {model.model_id: instance_defaults(model) for model in Model.objects.all()}

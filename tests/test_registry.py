@@ -140,3 +140,76 @@ def test_the_command_registers_what_it_finds() -> None:
 def test_a_bad_models_entry_names_its_key() -> None:
     with pytest.raises(ConfigError, match=r"models\[1\]\.pooling"):
         validate_model_entries([{"model_id": "org/a"}, {"model_id": "org/b", "pooling": "max"}])
+
+
+@pytest.fixture
+def fast_passwords(settings: Any) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+MODELS_PAGE = "/admin/registry/model/"
+
+
+def test_the_models_page_shows_badges_progress_and_actions(
+    fast_passwords: None, admin_client: Any
+) -> None:
+    Model.objects.create(
+        model_id="org/half", status=ModelStatus.DOWNLOADING, bytes_done=50, bytes_total=200
+    )
+    Model.objects.create(
+        model_id="org/done", status=ModelStatus.VERIFIED, size_on_disk=90_900_000, dimensions=384
+    )
+    page = admin_client.get(MODELS_PAGE).content.decode()
+    assert 'class="tei-badge tei-badge--downloading"' in page
+    assert 'class="tei-badge tei-badge--verified"' in page
+    assert '<progress class="tei-progress" value="50" max="200"></progress> 25%' in page
+    assert "90.9 MB" in page and ">384<" in page
+    assert "/admin/instances/instance/add/?model_id=org%2Fdone" in page
+    response = admin_client.post(
+        MODELS_PAGE,
+        {
+            "action": "download_selected",
+            "_selected_action": [Model.objects.get(model_id="org/done").pk],
+        },
+        follow=True,
+    )
+    assert "Downloading org/done." in response.content.decode()
+    assert Model.objects.get(model_id="org/done").status == "downloading"
+    response = admin_client.post(
+        MODELS_PAGE,
+        {
+            "action": "verify_selected",
+            "_selected_action": [Model.objects.get(model_id="org/half").pk],
+        },
+        follow=True,
+    )
+    from django.contrib.messages import get_messages
+
+    said = [str(m) for m in get_messages(response.wsgi_request)]
+    assert said == ["org/half: model 'org/half' is downloading"], said
+
+
+def test_the_instance_add_form_offers_registered_models_with_their_defaults(
+    fast_passwords: None, admin_client: Any
+) -> None:
+    Model.objects.create(
+        model_id="org/tuned", pooling="mean", max_batch_tokens=2048, idle_timeout_secs=120
+    )
+    page = admin_client.get("/admin/instances/instance/add/?model_id=org/tuned").content.decode()
+    assert '<datalist id="tei-registered-models"><option value="org/tuned"></datalist>' in page
+    assert 'name="max_batch_tokens" value="2048"' in page
+    assert 'name="idle_timeout_secs" value="120"' in page
+    assert '<option value="mean" selected>' in page
+
+
+def test_a_model_registers_from_the_admin_with_the_apis_rules(
+    fast_passwords: None, admin_client: Any
+) -> None:
+    form = {"model_id": "org/admin-added", "revision": "", "pooling": "", "dtype": "",
+            "max_batch_tokens": 16384, "max_concurrent_requests": 512,
+            "auto_truncate": "on"}  # fmt: skip
+    response = admin_client.post(MODELS_PAGE + "add/", form, follow=True)
+    assert response.status_code == 200
+    assert Model.objects.get(model_id="org/admin-added").source == Source.API
+    response = admin_client.post(MODELS_PAGE + "add/", {**form, "model_id": "-x"})
+    assert "must not start with" in response.content.decode()
