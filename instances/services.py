@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -43,6 +44,10 @@ _FRESH: dict[str, Any] = {
     "last_error": "",
 }
 
+
+# The registry's idle timeout for a model id (registry/apps.py sets it when installed): an
+# instance created without one takes its model's.
+model_idle_timeout: Callable[[str], int | None] | None = None
 
 SUBJECT = "instance"
 # A change asked of an instance that does not exist changes nothing: not in the trail.
@@ -208,6 +213,8 @@ def _insert(fields: dict[str, Any]) -> Instance:
         desired_state=DesiredState.RUNNING,
     )
     values.setdefault("startup_timeout_secs", config.startup_timeout_secs)
+    if "idle_timeout_secs" not in values and model_idle_timeout is not None:
+        values["idle_timeout_secs"] = model_idle_timeout(str(values.get("model_id")))
     values["pooling"] = values.get("pooling") or ""
     try:
         instance = Instance.objects.create(**values)

@@ -8,9 +8,10 @@ class RegistryConfig(AppConfig):
     verbose_name = "Registry: models, downloads and checks"
 
     def ready(self) -> None:
-        from instances import forms
+        from instances import forms, services
 
         forms.registered_models = registered_models
+        services.model_idle_timeout = model_idle_timeout
 
 
 def registered_models() -> dict[str, dict[str, Any]]:
@@ -19,3 +20,10 @@ def registered_models() -> dict[str, dict[str, Any]]:
     from registry.services import instance_defaults
 
     return {model.model_id: instance_defaults(model) for model in Model.objects.all()}
+
+
+def model_idle_timeout(model_id: str) -> int | None:
+    from registry.models import Model
+
+    row = Model.objects.filter(model_id=model_id).values_list("idle_timeout_secs", flat=True)
+    return row.first()
