@@ -18,7 +18,7 @@ from django.db.models import Case, F, Q, When
 
 from access import audit
 from access.audit import SYSTEM, Actor
-from instances import logs, process, tasks
+from instances import logs, placement, process, tasks
 from instances.errors import (
     AlreadyRunning,
     InstanceExists,
@@ -45,9 +45,11 @@ _FRESH: dict[str, Any] = {
 }
 
 
-# The registry's idle timeout for a model id (registry/apps.py sets it when installed): an
-# instance created without one takes its model's.
+# What the registry knows of a model id (registry/apps.py sets it when installed): an
+# instance created without an idle timeout takes its model's, and a model with a memory
+# estimate is placed where it fits (instances/placement.py).
 model_idle_timeout: Callable[[str], int | None] | None = None
+memory_estimate: Callable[[str], int | None] | None = None
 
 SUBJECT = "instance"
 # A change asked of an instance that does not exist changes nothing: not in the trail.
@@ -215,6 +217,9 @@ def _insert(fields: dict[str, Any]) -> Instance:
     values.setdefault("startup_timeout_secs", config.startup_timeout_secs)
     if "idle_timeout_secs" not in values and model_idle_timeout is not None:
         values["idle_timeout_secs"] = model_idle_timeout(str(values.get("model_id")))
+    needed = memory_estimate(str(values.get("model_id"))) if memory_estimate else None
+    if needed is not None and memory_estimate is not None:
+        values["gpu_id"] = placement.place(needed, values.get("gpu_id"), memory_estimate)
     values["pooling"] = values.get("pooling") or ""
     try:
         instance = Instance.objects.create(**values)

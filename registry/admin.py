@@ -37,6 +37,7 @@ class ModelRegisterForm(forms.ModelForm):
             "dtype",
             "on_demand",
             "idle_timeout_secs",
+            "evict_idle",
             "max_batch_tokens",
             "max_concurrent_requests",
             "auto_truncate",

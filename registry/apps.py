@@ -12,6 +12,7 @@ class RegistryConfig(AppConfig):
 
         forms.registered_models = registered_models
         services.model_idle_timeout = model_idle_timeout
+        services.memory_estimate = memory_estimate
 
 
 def registered_models() -> dict[str, dict[str, Any]]:
@@ -27,3 +28,10 @@ def model_idle_timeout(model_id: str) -> int | None:
 
     row = Model.objects.filter(model_id=model_id).values_list("idle_timeout_secs", flat=True)
     return row.first()
+
+
+def memory_estimate(model_id: str) -> int | None:
+    from registry.models import Model
+
+    model = Model.objects.filter(model_id=model_id).first()
+    return None if model is None else model.memory_estimate

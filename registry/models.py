@@ -16,6 +16,11 @@ from django.utils import timezone
 
 from instances.models import Pooling
 
+# Weights are stored as float32 (safetensors) unless told otherwise: what a dtype keeps.
+DTYPE_FACTORS = {"": 1.0, "float32": 1.0, "float16": 0.5, "bfloat16": 0.5, "int8": 0.25}
+# Activations, the runtime and its buffers: a share of the weights plus a fixed part.
+MARGIN_RATIO, MARGIN_BYTES = 0.2, 256 * 1024 * 1024
+
 
 class ModelStatus(models.TextChoices):
     AVAILABLE = "available"  # registered; its files are not on this host
@@ -61,6 +66,9 @@ class Model(models.Model):
     on_demand = models.BooleanField(default=False)
     # An instance that got no call for this long is stopped (None: never).
     idle_timeout_secs = models.PositiveIntegerField(null=True, blank=True)
+    # An on-demand start that finds no memory free first stops the least recently used
+    # on-demand instance.
+    evict_idle = models.BooleanField(default=False)
 
     status = models.CharField(
         max_length=16, choices=ModelStatus.choices, default=ModelStatus.AVAILABLE
@@ -90,6 +98,17 @@ class Model(models.Model):
 
     def __str__(self) -> str:
         return self.model_id
+
+    @property
+    def memory_estimate(self) -> int | None:
+        """Bytes an instance needs: what the check measured, else the weights' size times
+        the dtype's factor plus a margin; None when neither is known."""
+        if self.memory_bytes:
+            return int(self.memory_bytes)
+        if not self.size_on_disk:
+            return None
+        factor = DTYPE_FACTORS.get(self.dtype, 1.0)
+        return int(self.size_on_disk * factor * (1 + MARGIN_RATIO)) + MARGIN_BYTES
 
     @property
     def progress_percent(self) -> int | None:

@@ -61,6 +61,11 @@ class ModelCreateSerializer(serializers.Serializer):
         default=None,
         help_text="Stop an instance that got no call for this long (null: never).",
     )
+    evict_idle = serializers.BooleanField(
+        default=False,
+        help_text="An on-demand start without memory free first stops the least recently "
+        "used on-demand instance.",
+    )
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):
@@ -98,6 +103,9 @@ class ModelSerializer(serializers.ModelSerializer):
     progress_percent = serializers.IntegerField(
         read_only=True, allow_null=True, help_text="bytes_done of bytes_total, while known."
     )
+    memory_estimate = serializers.IntegerField(
+        read_only=True, allow_null=True, help_text="Bytes an instance needs (placement)."
+    )
 
     class Meta:
         model = Model
@@ -113,6 +121,8 @@ class ModelSerializer(serializers.ModelSerializer):
             "auto_truncate",
             "on_demand",
             "idle_timeout_secs",
+            "evict_idle",
+            "memory_estimate",
             "bytes_done",
             "bytes_total",
             "progress_percent",

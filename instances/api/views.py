@@ -54,7 +54,7 @@ class InstanceList(APIView):
             **errors(
                 {
                     400: _INVALID_FIELD,
-                    409: ["INSTANCE_EXISTS"],
+                    409: ["INSTANCE_EXISTS", "INSUFFICIENT_MEMORY"],
                     422: ["PORT_CONFLICT", "MAX_INSTANCES_REACHED"],
                 },
                 changes_state=True,
