@@ -157,7 +157,7 @@ class Forwarder:
                 target, inner = split_wrapper(request)
                 check_size(inner)
                 routed = started
-                if self.router.needs_start(target):  # an on-demand model, none running
+                if self.router.needs_start(target, grant):  # an on-demand model, none running
                     await self.router.start(target, context.time_remaining())
                     routed = time.perf_counter()
                 timeout = self._deadline(context)
@@ -200,7 +200,7 @@ class Forwarder:
                     )
                 target, inner = split_wrapper(first)
                 check_size(inner)
-                if self.router.needs_start(target):
+                if self.router.needs_start(target, grant):
                     await self.router.start(target, context.time_remaining())
                 # One slot for the whole call: the instance answers once, at the end.
                 route = await self.router.acquire(target, self._deadline(context), grant)
@@ -245,7 +245,7 @@ class Forwarder:
                 if first is not None:
                     target, inner = split_wrapper(first)
                     check_size(inner)
-                    if self.router.needs_start(target):
+                    if self.router.needs_start(target, grant):
                         await self.router.start(target, context.time_remaining())
                     route = self.router.choose(target, grant)
                     instance = route.name
@@ -301,7 +301,7 @@ class Forwarder:
             message = kind.request_type.FromString(request)
             texts = arrow.read_texts(message.arrow_ipc)
             target = _target(message.target)
-            if self.router.needs_start(target):
+            if self.router.needs_start(target, grant):
                 await self.router.start(target, context.time_remaining())
             route = self.router.choose(target, grant)
             instance = route.name

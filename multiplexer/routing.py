@@ -157,14 +157,17 @@ class Router:
     def update(self, table: RoutingTable) -> None:
         self.table = table
 
-    def needs_start(self, target: Target) -> bool:
+    def needs_start(self, target: Target, grant: KeyEntry | None = None) -> bool:
         """Before routing: True when `target` is an on-demand model with no running
-        instance (then `start`). Every warm call pays for this check only."""
+        instance, and the call's key (`grant`, None: any) may use that model (then
+        `start`). Every warm call pays for this check only."""
         model_id = target.model_id
         if model_id is None or self.cold is None:
             return False
         table = self.table
-        return model_id in table.on_demand and model_id not in table.running_models
+        if model_id not in table.on_demand or model_id in table.running_models:
+            return False
+        return grant is None or grant.targets is None or bool(grant.targets.fullmatch(model_id))
 
     async def start(self, target: Target, timeout: float | None) -> None:
         """Have an instance of `target`'s model started and wait until it runs (within

@@ -9,6 +9,7 @@ class RegistryConfig(AppConfig):
 
     def ready(self) -> None:
         from instances import forms, services
+        from registry import checks  # noqa: F401  (system checks)
 
         forms.registered_models = registered_models
         services.model_idle_timeout = model_idle_timeout

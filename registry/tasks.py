@@ -1,4 +1,4 @@
-"""Celery tasks of the registry (thin: the work is in downloads.py and checks.py). They
+"""Celery tasks of the registry (thin: the work is in downloads.py and verify.py). They
 go to the queue of the node that asked (the files land in that host's cache)."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ def download_model(pk: int, token: str) -> None:
 
 @shared_task(name="registry.tasks.verify_model", ignore_result=True, **_LONG)
 def verify_model(pk: int, token: str) -> None:
-    from registry import checks
+    from registry import verify
 
-    checks.run(pk, token)
+    verify.run(pk, token)
 
 
 @signals.worker_ready.connect

@@ -108,3 +108,33 @@ def test_concurrent_first_calls_share_one_start_idle_stops_and_the_next_call_res
     assert (again.name, again.status) == (instance.name, "running")
     assert cold_starts(MINILM_ID) == before + 2
     channel.close()
+
+
+def test_only_an_on_demand_model_with_nothing_running_needs_a_start_and_only_for_its_keys() -> None:
+    import re
+
+    from multiplexer.keys import KeyEntry
+    from multiplexer.routing import Route, Router, RoutingTable
+    from multiplexer.wire import Target
+
+    routes = [
+        Route("warm", "org/warm", "127.0.0.1:1", "running"),
+        Route("parked", "org/parked", "127.0.0.1:2", "stopped"),
+    ]
+    table = RoutingTable.build(routes, on_demand=["org/warm", "org/parked", "org/new"])
+    router = Router(table)
+    assert not router.needs_start(Target(model_id="org/new"))  # no cold starter: never
+    router.cold = object()  # type: ignore[assignment]
+    assert router.needs_start(Target(model_id="org/new"))
+    assert router.needs_start(Target(model_id="org/parked"))
+    assert not router.needs_start(Target(model_id="org/warm"))
+    assert not router.needs_start(Target(model_id="org/other"))
+    assert not router.needs_start(Target(instance_name="parked"))
+
+    def key(pattern: str | None) -> KeyEntry:
+        targets = None if pattern is None else re.compile(pattern)
+        return KeyEntry("1", "k", "p", "h", True, targets, None, 1.0, None, False)
+
+    assert router.needs_start(Target(model_id="org/new"), key(None))
+    assert router.needs_start(Target(model_id="org/new"), key(r"org/new"))
+    assert not router.needs_start(Target(model_id="org/new"), key(r"org/other"))

@@ -137,9 +137,16 @@ def test_the_command_registers_what_it_finds() -> None:
     assert Model.objects.filter(model_id=MINILM_ID, source=Source.PACKAGED).exists()
 
 
-def test_a_bad_models_entry_names_its_key() -> None:
+def test_a_bad_models_entry_names_its_key(settings: Any) -> None:
+    from registry.checks import check_model_entries
+
     with pytest.raises(ConfigError, match=r"models\[1\]\.pooling"):
         validate_model_entries([{"model_id": "org/a"}, {"model_id": "org/b", "pooling": "max"}])
+    settings.TEI = dataclasses.replace(settings.TEI, models=({"model_id": "org/a"},))
+    assert check_model_entries(None) == []
+    settings.TEI = dataclasses.replace(settings.TEI, models=({"model_id": "-a"},))
+    [error] = check_model_entries(None)
+    assert error.id == "registry.E001" and error.msg.startswith("config key 'models[0].model_id'")
 
 
 @pytest.fixture

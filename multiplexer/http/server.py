@@ -172,7 +172,7 @@ class HttpServer:
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = parse(schemas.OpenAIEmbeddingRequest, await request.read())
-        await self._ready(resolve(self.router.table, body.model or ""))
+        await self._ready(request, resolve(self.router.table, body.model or ""))
         call = self._started(
             request, self.openai.start(body.model, request[GRANT], _metadata(request))
         )
@@ -180,7 +180,7 @@ class HttpServer:
 
     async def _rerank(self, request: web.Request) -> web.Response:
         body = parse(schemas.OpenAIRerankRequest, await request.read())
-        await self._ready(resolve(self.router.table, body.model or ""))
+        await self._ready(request, resolve(self.router.table, body.model or ""))
         call = self._started(
             request, self.openai.start(body.model, request[GRANT], _metadata(request))
         )
@@ -204,12 +204,12 @@ class HttpServer:
     # Shared ---------------------------------------------------------------------------
 
     async def _start(self, request: web.Request, target: Target) -> Call:
-        await self._ready(target)
+        await self._ready(request, target)
         return self._started(request, self.tei.start(target, request[GRANT], _metadata(request)))
 
-    async def _ready(self, target: Target) -> None:
+    async def _ready(self, request: web.Request, target: Target) -> None:
         """An on-demand model with no instance running: have one started, wait for it."""
-        if self.router.needs_start(target):
+        if self.router.needs_start(target, request[GRANT]):
             await self.router.start(target, None)
 
     def _started(self, request: web.Request, call: Call) -> Call:
