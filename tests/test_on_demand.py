@@ -138,3 +138,16 @@ def test_only_an_on_demand_model_with_nothing_running_needs_a_start_and_only_for
     assert router.needs_start(Target(model_id="org/new"), key(None))
     assert router.needs_start(Target(model_id="org/new"), key(r"org/new"))
     assert not router.needs_start(Target(model_id="org/new"), key(r"org/other"))
+
+
+@pytest.mark.django_db
+def test_on_demand_default_makes_every_registered_model_on_demand(settings: Any) -> None:
+    import dataclasses
+
+    from multiplexer.refresher import load_routing_table
+
+    Model.objects.create(model_id="org/flagged", on_demand=True)
+    Model.objects.create(model_id="org/plain")
+    assert load_routing_table().on_demand == {"org/flagged"}
+    settings.TEI = dataclasses.replace(settings.TEI, on_demand_default=True)
+    assert load_routing_table().on_demand == {"org/flagged", "org/plain"}
