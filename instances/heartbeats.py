@@ -34,6 +34,13 @@ WORKER_HEARTBEAT_SECS = 5.0
 GPU_SAMPLE_SECS = 10.0
 RECONCILE_TASK = "instances.tasks.reconcile"
 _NAME_LENGTH = 64  # Heartbeat.name's max_length
+# The worker's start-up forks its pool processes and, with -B, the embedded beat. An
+# SQLite write on this thread during a fork leaves the child with SQLite's per-process
+# lock bookkeeping of a transaction it does not have: every write of the child then
+# fails with "database is locked" (seen as a beat that stalls 30 s per tick). So the
+# first heartbeat waits until the worker is ready, when those forks are done.
+_READY = threading.Event()
+READY_WAIT_SECS = 60.0
 
 
 def worker_name(node: str) -> str:
@@ -81,6 +88,11 @@ def beat_sends_the_tick(sender: Any = None, **kwargs: Any) -> None:
         record(BEAT)
 
 
+@signals.worker_ready.connect
+def worker_is_ready(**kwargs: Any) -> None:
+    _READY.set()
+
+
 class WorkerHeartbeat(bootsteps.StartStopStep):
     """Writes `worker.<node>` every WORKER_HEARTBEAT_SECS from the worker's main process.
 
@@ -113,6 +125,8 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
         from django.db import connection
 
         next_sample = 0.0
+        if not _READY.wait(READY_WAIT_SECS) and self._stop.is_set():
+            return
         try:
             while True:
                 record(name)

@@ -28,8 +28,15 @@ def verify_model(pk: int, token: str) -> None:
 
 @signals.worker_ready.connect
 def discover_models(**kwargs: Any) -> None:
+    from django.db import connection
+
     from registry.discovery import discover
     from registry.downloads import recover
 
-    discover()
-    recover(settings.NODE_NAME)
+    try:
+        discover()
+        recover(settings.NODE_NAME)
+    finally:
+        # No connection held in the worker's main process: processes forked from it later
+        # (pool processes, the embedded beat) must not share an SQLite connection.
+        connection.close()
