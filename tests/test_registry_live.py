@@ -36,13 +36,18 @@ def test_verify_measures_a_model_and_stops_its_instance(
 
     failed: dict[str, Any] = status_of(api, str(broken), "verified", "failed", timeout=120)
     assert failed["status"] == "failed" and "exited while loading" in failed["last_error"]
-    assert not _throwaway_instances_left()
+    assert not _throwaway_instances_left(manager_worker)
 
 
-def _throwaway_instances_left() -> list[int]:
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if "localtei" in " ".join(p.info["cmdline"] or [])
-        and any(part in (MINILM_ID,) or "broken" in part for part in p.info["cmdline"] or [])
-    ]
+def _throwaway_instances_left(worker: Worker) -> list[int]:
+    """The localtei processes the worker's pool processes spawned that still run (no
+    instance was created here: any would be a throwaway instance left behind)."""
+    left = []
+    for pool_process in psutil.Process(worker.pid).children():
+        for child in pool_process.children(recursive=True):
+            try:
+                if "localtei" in " ".join(child.cmdline()):
+                    left.append(child.pid)
+            except psutil.Error:
+                continue
+    return left
