@@ -201,9 +201,8 @@ def stop_idle(instances: list[Instance], now: datetime) -> list[Work]:
     for instance in instances:
         if not instance.idle_timeout_secs:
             continue
-        since = max(
-            t for t in (instance.last_call_at, instance.started_at, instance.created_at) if t
-        )
+        started = instance.started_at or instance.created_at
+        since = max(started, instance.last_call_at) if instance.last_call_at else started
         idle = (now - since).total_seconds()
         if idle < instance.idle_timeout_secs:
             continue

@@ -151,3 +151,56 @@ def test_on_demand_default_makes_every_registered_model_on_demand(settings: Any)
     assert load_routing_table().on_demand == {"org/flagged"}
     settings.TEI = dataclasses.replace(settings.TEI, on_demand_default=True)
     assert load_routing_table().on_demand == {"org/flagged", "org/plain"}
+
+
+@pytest.mark.django_db
+def test_the_tick_stops_only_instances_idle_past_their_timeout() -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from instances import supervisor
+
+    now = timezone.now()
+    long_ago, just_now = now - timedelta(seconds=120), now - timedelta(seconds=5)
+    rows = {
+        name: Instance.objects.create(
+            name=name, model_id="org/m", port=port, prometheus_port=port + 1, status="running",
+            idle_timeout_secs=timeout, last_call_at=last_call, started_at=long_ago,
+        )
+        for name, port, timeout, last_call in (
+            ("idle", 31000, 60, long_ago),
+            ("busy", 31002, 60, just_now),
+            ("never-called", 31004, 60, None),
+            ("no-timeout", 31006, None, long_ago),
+        )
+    }  # fmt: skip
+    work = supervisor.stop_idle(list(rows.values()), now)
+    assert sorted(w.pk for w in work) == sorted([rows["idle"].pk, rows["never-called"].pk])
+    states = dict(Instance.objects.values_list("name", "status"))
+    assert states == {
+        "idle": "stopping", "busy": "running", "never-called": "stopping", "no-timeout": "running"
+    }  # fmt: skip
+    assert Instance.objects.get(name="idle").desired_state == "stopped"
+
+
+@pytest.mark.django_db
+def test_last_call_times_are_written_in_one_update_per_instance_called() -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from multiplexer.refresher import RoutingRefresher
+    from multiplexer.routing import Router
+
+    for name, port in (("a", 31010), ("b", 31012)):
+        Instance.objects.create(name=name, model_id="org/m", port=port, prometheus_port=port + 1)
+    router = Router()
+    refresher = RoutingRefresher(router)
+    router.last_calls.update(a=1_800_000_000.0, b=1_800_000_001.0)
+    with CaptureQueriesContext(connection) as queries:
+        assert refresher.write_last_calls() == 2
+    assert len(queries) == 2
+    assert Instance.objects.get(name="b").last_call_at.timestamp() == 1_800_000_001.0
+    router.last_calls["a"] = 1_800_000_005.0  # only a was called since
+    assert refresher.write_last_calls() == 1
+    assert refresher.write_last_calls() == 0
