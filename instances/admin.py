@@ -121,6 +121,7 @@ class InstanceAdmin(TrafficAdminMixin, admin.ModelAdmin):
                     "max_concurrent_requests",
                     "auto_truncate",
                     "startup_timeout_secs",
+                    "idle_timeout_secs",
                 ]
             },
         ),

@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TeiManagerError(Exception):
     status_code = 500
     code = "INTERNAL_ERROR"
     default_message = "internal error"
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(self, message: str | None = None, details: dict[str, Any] | None = None) -> None:
         self.message = message or self.default_message
+        # Figures the client can act on (INSUFFICIENT_MEMORY: free and needed bytes); the
+        # envelope carries them as "details" when there are any.
+        self.details = details
         super().__init__(self.message)
 
 
@@ -147,6 +152,36 @@ class HeadersTooLarge(TeiManagerError):
     status_code = 431
     code = "HEADERS_TOO_LARGE"
     default_message = "the request headers are too large"
+
+
+class ModelNotFound(TeiManagerError):
+    status_code = 404
+    code = "MODEL_NOT_FOUND"
+    default_message = "model not found"
+
+
+class ModelExists(TeiManagerError):
+    status_code = 409
+    code = "MODEL_EXISTS"
+    default_message = "this model is already registered"
+
+
+class ModelBusy(TeiManagerError):
+    status_code = 409
+    code = "MODEL_BUSY"
+    default_message = "the model is downloading, loading or used by an instance"
+
+
+class NotDownloading(TeiManagerError):
+    status_code = 409
+    code = "NOT_DOWNLOADING"
+    default_message = "the model is not downloading"
+
+
+class InsufficientMemory(TeiManagerError):
+    status_code = 409
+    code = "INSUFFICIENT_MEMORY"
+    default_message = "no GPU (or, without one, the host) has the memory this model needs"
 
 
 class InternalError(TeiManagerError):

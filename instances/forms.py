@@ -3,16 +3,22 @@ services.create_instance creates, so the admin has no validation or defaults of 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django import forms
 from django.conf import settings
+from django.utils.html import format_html, format_html_join
 from rest_framework.fields import empty
 
 from access.audit import SYSTEM, Actor
 from instances import errors, gpu, services
 from instances.api.serializers import InstanceCreateSerializer
 from instances.models import Instance, Pooling
+
+# The registered models and the create fields each brings (model id -> fields), set by the
+# registry app when it is installed (registry/apps.py): the add form offers them.
+registered_models: Callable[[], dict[str, dict[str, Any]]] | None = None
 
 # Where a service refusal belongs on the add form; anything else is a form-wide error.
 ERROR_FIELDS: dict[type[errors.TeiManagerError], str] = {
@@ -23,6 +29,23 @@ ERROR_FIELDS: dict[type[errors.TeiManagerError], str] = {
 }
 
 
+class SuggestingTextInput(forms.TextInput):
+    """A text input with a <datalist> of suggestions (`suggestions`), still free text."""
+
+    suggestions: list[str]
+
+    def __init__(self, attrs: dict[str, Any] | None = None) -> None:
+        super().__init__(attrs)
+        self.suggestions = []
+
+    def render(self, name: str, value: Any, attrs: Any = None, renderer: Any = None) -> Any:
+        html = super().render(name, value, attrs, renderer)
+        if not self.suggestions:
+            return html
+        options = format_html_join("", '<option value="{}">', ((s,) for s in self.suggestions))
+        return html + format_html('<datalist id="{}">{}</datalist>', self.attrs["list"], options)
+
+
 class InstanceCreateForm(forms.ModelForm):
     """The add form. One validation: the API's InstanceCreateSerializer checks and fills in
     defaults; services.create_instance creates. Fields are plain text so that nothing here
@@ -30,7 +53,7 @@ class InstanceCreateForm(forms.ModelForm):
 
     name = forms.CharField(strip=False)
     model_id = forms.CharField(
-        label="Model ID", strip=False, widget=forms.TextInput(attrs={"class": "vTextField"})
+        label="Model ID", strip=False, widget=SuggestingTextInput(attrs={"class": "vTextField"})
     )
     pooling = forms.CharField(
         widget=forms.Select(choices=[("", "the model's own")] + list(Pooling.choices))
@@ -43,6 +66,7 @@ class InstanceCreateForm(forms.ModelForm):
     startup_timeout_secs = forms.CharField(
         label="Startup timeout (seconds)", widget=forms.NumberInput
     )
+    idle_timeout_secs = forms.CharField(label="Idle timeout (seconds)", widget=forms.NumberInput)
     auto_truncate = forms.BooleanField(label="Auto-truncate")
     node = forms.CharField()
     failover = forms.CharField(
@@ -74,6 +98,22 @@ class InstanceCreateForm(forms.ModelForm):
                 field.widget.attrs["placeholder"] = str(default)
         for name in ("port", "prometheus_port"):
             self.fields[name].widget.attrs["placeholder"] = "next free"
+        self._offer_registered_models()
+
+    def _offer_registered_models(self) -> None:
+        """The registered models as suggestions for model_id; one named in the initial
+        data (?model_id=... from the Models page) brings its instance defaults."""
+        models = registered_models() if registered_models is not None else {}
+        if not models:
+            return
+        widget = self.fields["model_id"].widget
+        if isinstance(widget, SuggestingTextInput):
+            widget.attrs["list"] = "tei-registered-models"
+            widget.suggestions = sorted(models)
+        defaults = models.get(str(self.initial.get("model_id", "")))
+        for name, value in (defaults or {}).items():
+            if name in self.fields and value not in (None, ""):
+                self.initial[name] = value
 
     def clean(self) -> dict[str, Any]:
         # The admin saves through ModelForm.save(), which cannot report a refusal, so the
@@ -142,6 +182,8 @@ def _help_texts() -> dict[str, str]:
         + ("this node." if tei.placement == "local" else "an up node with room."),
         "failover": "Start it on another node when its node is down. Default: "
         f"{'yes' if tei.failover_default else 'no'}.",
+        "idle_timeout_secs": "Stop the instance after this many seconds without a call; the "
+        "next call for an on-demand model starts it again. Empty: the model's setting.",
         "extra_args": "More text-embeddings-router flags, one argument per line: e.g. "
         "--auto-truncate, or --dtype and then float16 on the next line. They are passed "
         "as arguments, never through a shell.",

@@ -54,6 +54,10 @@ class Instance(models.Model):
     startup_timeout_secs = models.PositiveIntegerField(null=True, blank=True)
     extra_args = models.JSONField(default=list, blank=True)
     node = models.CharField(max_length=255, default="")
+    # Stopped after this long without a call (None: the model's idle_timeout_secs, if any).
+    idle_timeout_secs = models.PositiveIntegerField(null=True, blank=True)
+    # Created by a call for an on-demand model (registry/ondemand.py), not by an operator.
+    on_demand = models.BooleanField(default=False)
     host = models.CharField(max_length=255, default="127.0.0.1")
     # When its node goes down, place it on another node and start it there (nodes/failover.py).
     failover = models.BooleanField(default=False)
@@ -85,6 +89,8 @@ class Instance(models.Model):
     failed_starts = models.PositiveIntegerField(default=0)
     last_health_check = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True, default="")
+    # The last call the multiplexer routed here, written in batches (never per call).
+    last_call_at = models.DateTimeField(null=True, blank=True)
     next_restart_at = models.DateTimeField(null=True, blank=True)
 
     created_at = models.DateTimeField(auto_now_add=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -18,6 +19,7 @@ from django.db.models import Case, F, Q, When
 from access import audit
 from access.audit import SYSTEM, Actor
 from instances import logs, tasks
+from instances import placement as gpu_placement
 from instances.errors import (
     AlreadyRunning,
     InstanceExists,
@@ -44,6 +46,12 @@ _FRESH: dict[str, Any] = {
     "last_error": "",
 }
 
+
+# What the registry knows of a model id (registry/apps.py sets it when installed): an
+# instance created without an idle timeout takes its model's, and a model with a memory
+# estimate is placed where it fits (instances/placement.py).
+model_idle_timeout: Callable[[str], int | None] | None = None
+memory_estimate: Callable[[str], int | None] | None = None
 
 SUBJECT = "instance"
 # A change asked of an instance that does not exist changes nothing: not in the trail.
@@ -206,6 +214,13 @@ def _insert(fields: dict[str, Any]) -> Instance:
     )
     values.setdefault("startup_timeout_secs", config.startup_timeout_secs)
     values.setdefault("failover", config.failover_default)
+    if "idle_timeout_secs" not in values and model_idle_timeout is not None:
+        values["idle_timeout_secs"] = model_idle_timeout(str(values.get("model_id")))
+    # The memory rules read this host's GPUs (or RAM): they apply where the instance lands
+    # on this host's node.
+    needed = memory_estimate(str(values.get("model_id"))) if memory_estimate else None
+    if needed is not None and memory_estimate is not None and target.node == settings.NODE_NAME:
+        values["gpu_id"] = gpu_placement.place(needed, values.get("gpu_id"), memory_estimate)
     values["pooling"] = values.get("pooling") or ""
     try:
         instance = Instance.objects.create(**values)

@@ -180,6 +180,7 @@ def reconcile_node(node: str) -> list[Work]:
         Instance.objects.filter(pk__in=passed, status=Status.RUNNING).update(
             last_health_check=now, health_check_failures=0
         )
+        work += stop_idle([i for i in to_check if i.pk in passed], now)
     for instance in instances:
         if instance.pk in passed:
             continue
@@ -189,6 +190,27 @@ def reconcile_node(node: str) -> list[Work]:
             )
         except Exception:
             log.exception("instance %s: reconcile failed", instance.name)
+    return work
+
+
+def stop_idle(instances: list[Instance], now: datetime) -> list[Work]:
+    """Stop the running instances with an idle timeout that got no call for that long
+    (since their last call, or their start). The row stays: the next call for an
+    on-demand model starts it again."""
+    work = []
+    for instance in instances:
+        if not instance.idle_timeout_secs:
+            continue
+        started = instance.started_at or instance.created_at
+        since = max(started, instance.last_call_at) if instance.last_call_at else started
+        idle = (now - since).total_seconds()
+        if idle < instance.idle_timeout_secs:
+            continue
+        if instance.transition(
+            [Status.RUNNING], Status.STOPPING, desired_state=DesiredState.STOPPED
+        ):
+            log.info("instance %s: stopped after %.0f s without a call", instance.name, idle)
+            work.append(Work(STOP, instance.pk))
     return work
 
 

@@ -156,13 +156,17 @@ class Forwarder:
                 grant = self.keyring.check(presented)
                 target, inner = split_wrapper(request)
                 check_size(inner)
+                routed = started
+                if self.router.needs_start(target, grant):  # an on-demand model, none running
+                    await self.router.start(target, context.time_remaining())
+                    routed = time.perf_counter()
                 timeout = self._deadline(context)
                 route = await self.router.acquire(target, timeout, grant)  # may queue
                 instance = route.name
                 try:
                     response = await self.pool.unary_unary(route.address, path)(
                         inner,
-                        timeout=timeout - (time.perf_counter() - started),
+                        timeout=timeout - (time.perf_counter() - routed),
                         metadata=_upstream(metadata, route, hop),
                     )
                 finally:
@@ -196,6 +200,8 @@ class Forwarder:
                     )
                 target, inner = split_wrapper(first)
                 check_size(inner)
+                if self.router.needs_start(target, grant):
+                    await self.router.start(target, context.time_remaining())
                 # One slot for the whole call: the instance answers once, at the end.
                 route = await self.router.acquire(target, self._deadline(context), grant)
                 instance = route.name
@@ -239,6 +245,8 @@ class Forwarder:
                 if first is not None:
                     target, inner = split_wrapper(first)
                     check_size(inner)
+                    if self.router.needs_start(target, grant):
+                        await self.router.start(target, context.time_remaining())
                     route = self.router.choose(target, grant)
                     instance = route.name
                     # A slot per message in flight, taken before each goes out.
@@ -292,7 +300,10 @@ class Forwarder:
             grant = self.keyring.check(presented)
             message = kind.request_type.FromString(request)
             texts = arrow.read_texts(message.arrow_ipc)
-            route = self.router.choose(_target(message.target), grant)
+            target = _target(message.target)
+            if self.router.needs_start(target, grant):
+                await self.router.start(target, context.time_remaining())
+            route = self.router.choose(target, grant)
             instance = route.name
             if message.noop:  # the instance is not called: nothing to admit
                 payload = kind.noop(len(texts))

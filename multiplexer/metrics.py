@@ -46,6 +46,17 @@ HTTP_LATENCY = Histogram(
     ["instance", "route"],
     buckets=BUCKETS,
 )
+COLD_STARTS = Counter(
+    "tei_manager_on_demand_cold_starts_total",
+    "Instances of on-demand models started for a call that found none running.",
+    ["model"],
+)
+COLD_START_SECONDS = Histogram(
+    "tei_manager_on_demand_cold_start_seconds",
+    "Time from a cold call's arrival to its instance running.",
+    ["model"],
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+)
 QUEUE_DEPTH = Gauge(
     "tei_manager_multiplexer_queue_depth",
     "Calls waiting in an instance's admission queue.",

@@ -58,6 +58,8 @@ class ServerOptions:
     listeners: tuple[str, ...] = ()
     rollup_interval_secs: float = ROLLUP_SECS  # 0: no traffic samples
     node: str = ""  # names this multiplexer's traffic samples ("": the host name)
+    # How long a call without a deadline waits for an on-demand start; 0: no cold starts.
+    on_demand_wait_secs: float = 300.0
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> ServerOptions:
@@ -73,6 +75,7 @@ class ServerOptions:
             "max_client_batch_size": config.max_client_batch_size,
             "auth_required": config.auth_required,
             "listeners": (config.bind,),
+            "on_demand_wait_secs": config.on_demand_wait_secs or config.startup_timeout_secs,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from django.apps import apps
+from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
@@ -33,12 +34,14 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_NAME = "multiplexer"
 HEARTBEAT_INTERVAL_SECS = 5.0
+# How often the instances' last-call times are written (the idle stop reads them).
+LAST_CALL_FLUSH_SECS = 2.0
 
 
 def load_routing_table() -> RoutingTable:
     """Read every instance, whatever its state: a known but stopped one is UNAVAILABLE, and
-    so is one on a node that is down. An instance is dialled at its node's instance_host
-    (nodes.Node), else at the host its row records."""
+    so is one on a node that is down; and the models that start on demand. An instance is
+    dialled at its node's instance_host (nodes.Node), else at the host its row records."""
     from instances.models import Instance
     from nodes.models import node_addresses
 
@@ -48,20 +51,35 @@ def load_routing_table() -> RoutingTable:
         "auto_truncate", "api_key", "node",
     )  # fmt: skip
     return RoutingTable.build(
-        Route(
-            name=name,
-            model_id=model_id,
-            address=dial_address(nodes[node][0] if node in nodes else host, port),
-            status=status,
-            max_concurrent_requests=limit,
-            pooling=pooling,
-            auto_truncate=auto_truncate,
-            credentials=(("authorization", f"Bearer {key}"),) if key else (),
-            node_down=node in nodes and not nodes[node][1],
-            node=node,
-        )
-        for name, model_id, host, port, status, limit, pooling, auto_truncate, key, node in rows
+        (
+            Route(
+                name=name,
+                model_id=model_id,
+                address=dial_address(nodes[node][0] if node in nodes else host, port),
+                status=status,
+                max_concurrent_requests=limit,
+                pooling=pooling,
+                auto_truncate=auto_truncate,
+                credentials=(("authorization", f"Bearer {key}"),) if key else (),
+                node_down=node in nodes and not nodes[node][1],
+                node=node,
+            )
+            for name, model_id, host, port, status, limit, pooling, auto_truncate, key, node in rows
+        ),
+        on_demand=load_on_demand_models(),
     )
+
+
+def load_on_demand_models() -> list[str]:
+    """The registered models a call may start (all of them with on_demand_default)."""
+    try:
+        model = apps.get_model("registry", "Model")
+    except LookupError:
+        return []
+    rows = model.objects.all()
+    if not settings.TEI.on_demand_default:
+        rows = rows.filter(on_demand=True)
+    return list(rows.values_list("model_id", flat=True))
 
 
 def dial_address(host: str, port: int) -> str:
@@ -96,6 +114,8 @@ class RoutingRefresher:
         self.router = router
         self.keyring = keyring
         self._written: dict[str, float] = {}  # pk -> the last-use time written
+        self._calls_written: dict[str, float] = {}  # instance -> the last-call time written
+        self._next_call_flush = 0.0
         self.interval = interval
         self.heartbeat_interval = heartbeat_interval
         self.on_change = on_change
@@ -133,6 +153,9 @@ class RoutingRefresher:
                 self._next_heartbeat = time.monotonic() + (
                     self.heartbeat_interval or HEARTBEAT_INTERVAL_SECS
                 )
+            if time.monotonic() >= self._next_call_flush:
+                self.write_last_calls()
+                self._next_call_flush = time.monotonic() + LAST_CALL_FLUSH_SECS
         except Exception as exc:
             connection.close()  # the next read opens a fresh one
             if not self._failing:
@@ -161,6 +184,20 @@ class RoutingRefresher:
                 moment = datetime.fromtimestamp(stamp, tz=UTC)
                 ApiKey.objects.filter(pk=pk).update(last_used_at=moment)
                 self._written[pk] = stamp
+
+    def write_last_calls(self) -> int:
+        """One UPDATE per instance called since the last write (never one per call);
+        returns how many were written."""
+        from instances.models import Instance
+
+        written = 0
+        for name, stamp in dict(self.router.last_calls).items():
+            if self._calls_written.get(name) != stamp:
+                moment = datetime.fromtimestamp(stamp, tz=UTC)
+                Instance.objects.filter(name=name).update(last_call_at=moment)
+                self._calls_written[name] = stamp
+                written += 1
+        return written
 
     def roll_up_if_due(self) -> bool:
         """Write the traffic samples when their window is over; True when written."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from time import time as _now
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from multiplexer.wire import Target
 
 if TYPE_CHECKING:
     from multiplexer.keys import KeyEntry
+    from multiplexer.ondemand import ColdStarter
 
 RUNNING = "running"
 
@@ -63,9 +65,12 @@ class RoutingTable:
     by_name: Mapping[str, Route] = field(default_factory=lambda: MappingProxyType({}))
     by_model: Mapping[str, tuple[Route, ...]] = field(default_factory=lambda: MappingProxyType({}))
     running: tuple[Route, ...] = ()
+    # Models started by the first call that finds none running (registry: on_demand).
+    on_demand: frozenset[str] = frozenset()
+    running_models: frozenset[str] = frozenset()
 
     @classmethod
-    def build(cls, routes: Iterable[Route]) -> RoutingTable:
+    def build(cls, routes: Iterable[Route], on_demand: Iterable[str] = ()) -> RoutingTable:
         by_name = {route.name: route for route in sorted(routes, key=lambda r: r.name)}
         by_model: dict[str, list[Route]] = {}
         for route in by_name.values():
@@ -74,6 +79,8 @@ class RoutingTable:
             by_name=MappingProxyType(by_name),
             by_model=MappingProxyType({m: tuple(rs) for m, rs in by_model.items()}),
             running=tuple(route for route in by_name.values() if route.running),
+            on_demand=frozenset(on_demand),
+            running_models=frozenset(r.model_id for r in by_name.values() if r.running),
         )
 
     @property
@@ -150,9 +157,31 @@ class Router:
         self.queue_size = -(-queue_size // processes)
         self.gates: dict[str, Gate] = {}
         self._turn = 0
+        # Cold starts of on-demand models (multiplexer/ondemand.py); None: none.
+        self.cold: ColdStarter | None = None
+        # Instance name -> the time of its last call; the refresher writes them in batches.
+        self.last_calls: dict[str, float] = {}
 
     def update(self, table: RoutingTable) -> None:
         self.table = table
+
+    def needs_start(self, target: Target, grant: KeyEntry | None = None) -> bool:
+        """Before routing: True when `target` is an on-demand model with no running
+        instance, and the call's key (`grant`, None: any) may use that model (then
+        `start`). Every warm call pays for this check only."""
+        model_id = target.model_id
+        if model_id is None or self.cold is None:
+            return False
+        table = self.table
+        if model_id not in table.on_demand or model_id in table.running_models:
+            return False
+        return grant is None or grant.targets is None or bool(grant.targets.fullmatch(model_id))
+
+    async def start(self, target: Target, timeout: float | None) -> None:
+        """Have an instance of `target`'s model started and wait until it runs (within
+        `timeout`; None: the cold starter's own limit)."""
+        if self.cold is not None and target.model_id is not None:
+            await self.cold.wait(target.model_id, timeout)
 
     async def acquire(
         self, target: Target, timeout: float | None, grant: KeyEntry | None = None
@@ -171,6 +200,7 @@ class Router:
 
     async def enter(self, route: Route, timeout: float | None) -> None:
         """Take one slot on `route`'s instance: at once when free, else queued."""
+        self.last_calls[route.name] = _now()
         gate = self.gates.get(route.name)
         if gate is None:  # a new table's limits reach existing gates through `retain`
             gate = self.gates[route.name] = Gate(route, self.queue_size, self.processes)

@@ -23,6 +23,7 @@ from multiplexer.forwarding import SERVICE_NAME, Forwarder
 from multiplexer.http.server import HttpServer
 from multiplexer.keys import Keyring
 from multiplexer.metrics import CallMetrics
+from multiplexer.ondemand import ColdStarter
 from multiplexer.options import ServerOptions, event_loop_factory
 from multiplexer.refresher import HEARTBEAT_INTERVAL_SECS, RoutingRefresher
 from multiplexer.rollup import Rollup
@@ -31,6 +32,16 @@ from multiplexer.tls import SubjectCheck, server_credentials
 from multiplexer.tracing import HopTracer
 from multiplexer.traffic import Snapshot, Traffic
 from telemetry import tracing
+
+
+def ask_for_instance(model_id: str) -> str:
+    """The control plane's side of a cold start (run on a thread: it uses the ORM)."""
+    from django.db import close_old_connections
+
+    from registry.ondemand import ensure_instance
+
+    close_old_connections()
+    return ensure_instance(model_id)
 
 
 class HttpBindError(RuntimeError):
@@ -58,6 +69,11 @@ class MultiplexerServer:
             keyring=self.keyring,
             rollup=rollup,
         )
+        if options.on_demand_wait_secs > 0:
+            self.router.cold = ColdStarter(
+                self.router, ask_for_instance, self.refresher.refresh_once,
+                options.on_demand_wait_secs,
+            )  # fmt: skip
         recorder = tracing.recorder()
         self.hops = None if recorder is None else HopTracer(recorder)
         self.health = HealthServicer()

@@ -178,7 +178,15 @@ class Config:
     node_timeout_secs: int = setting(30, "TEI_MANAGER_NODE_TIMEOUT", check=_node_timeout)
     placement: str = setting("spread", "TEI_MANAGER_PLACEMENT", check=_placement)
     failover_default: bool = setting(False, "TEI_MANAGER_FAILOVER_DEFAULT")
+    # The model registry: downloads go to this hub ("": huggingface_hub's own, which
+    # HF_HUB_OFFLINE=1 turns off); every registered model starts on demand when true.
+    hub_endpoint: str = setting("", "TEI_MANAGER_HUB_ENDPOINT", check=_otlp_endpoint)
+    on_demand_default: bool = setting(False, "TEI_MANAGER_ON_DEMAND_DEFAULT")
     # -- in the TOML file only ---------------------------------------------------------
+    # How long a call waits for an on-demand start without a deadline of its own (0: the
+    # startup timeout).
+    on_demand_wait_secs: float = setting(0.0)
+    download_timeout_secs: int = setting(6 * 3600, check=_at_least_one)
     startup_timeout_secs: int = setting(300)
     max_failures_before_restart: int = setting(3)
     graceful_shutdown_timeout_secs: int = setting(10)
@@ -225,11 +233,12 @@ class Config:
     # -- tables of the TOML file -------------------------------------------------------
     mtls: MtlsConfig = field(default_factory=MtlsConfig)
     instances: tuple[dict[str, Any], ...] = ()
+    models: tuple[dict[str, Any], ...] = ()
 
 
 # The variable that names the TOML file (`--config FILE` on manage.py sets it).
 CONFIG_FILE_ENV = "TEI_MANAGER_CONFIG"
-_TABLES = ("mtls", "instances")
+_TABLES = ("mtls", "instances", "models")
 
 
 @dataclass(frozen=True)
@@ -284,7 +293,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     table = {key.name: key for key in keys()}
     kwargs: dict[str, Any] = {}
     for name, raw in values.items():
-        if name in ("auth", "instances"):
+        if name in ("auth", "instances", "models"):
             continue
         key = table.get(name)
         if key is None:
@@ -299,6 +308,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
             kwargs[key.name] = _typed(key, f"{key.env} ({key.name})", env[key.env])
     kwargs["mtls"] = _build_mtls(values.get("auth", {}))
     kwargs["instances"] = _build_seeds(values.get("instances", []))
+    kwargs["models"] = _build_tables("models", values.get("models", []))
     config = Config(**kwargs)
     _check_ranges(config)
     return config
@@ -393,12 +403,17 @@ def _build_mtls(auth: Any) -> MtlsConfig:
 def _build_seeds(seeds: Any) -> tuple[dict[str, Any], ...]:
     """The `[[instances]]` tables as they are: their fields are the create API's, checked
     by its serializer (system check instances.E004, and `manage.py seed_instances`)."""
-    if not isinstance(seeds, list):
-        raise ConfigError("config key 'instances' must be an array of tables ([[instances]])")
-    for index, seed in enumerate(seeds):
-        if not isinstance(seed, dict):
-            raise ConfigError(f"config key 'instances[{index}]' must be a table")
-    return tuple(seeds)
+    return _build_tables("instances", seeds)
+
+
+def _build_tables(key: str, tables: Any) -> tuple[dict[str, Any], ...]:
+    """An array of tables as it is (`[[models]]`: checked by the registry's serializer)."""
+    if not isinstance(tables, list):
+        raise ConfigError(f"config key '{key}' must be an array of tables ([[{key}]])")
+    for index, table in enumerate(tables):
+        if not isinstance(table, dict):
+            raise ConfigError(f"config key '{key}[{index}]' must be a table")
+    return tuple(tables)
 
 
 def _check_ranges(config: Config) -> None:

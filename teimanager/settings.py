@@ -72,6 +72,7 @@ INSTALLED_APPS = [
     "access",
     "instances",
     "nodes",
+    "registry",
     "multiplexer",
     "telemetry",
 ]

@@ -12,6 +12,7 @@ urlpatterns = [
     path("api/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("", include("instances.api.urls")),
     path("", include("nodes.api.urls")),
+    path("", include("registry.urls")),
 ]
 
 handler400 = "instances.api.errors.bad_request"

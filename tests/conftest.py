@@ -81,7 +81,7 @@ instance_port_end = {_PORT_BASE + 199}
 prometheus_port_start = {_PORT_BASE + 200}
 prometheus_port_end = {_PORT_BASE + 399}
 # Creates stay on the creating process's node (settings.NODE_NAME, which tests set): the
-# session's workers register several nodes in one database. tests/test_placement.py and
+# session's workers register several nodes in one database. tests/test_node_placement.py and
 # tests/test_two_nodes.py place with "spread".
 placement = "local"
 """

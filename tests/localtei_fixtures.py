@@ -243,9 +243,10 @@ def build_tiny_models(directory: Path) -> TinyModels:
 
 
 def build_tiny_model(kind: str, directory: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide random BERT saved with save_pretrained, plus MiniLM's tokenizer."""
+    """A 2-layer, 32-wide random BERT saved with save_pretrained, plus MiniLM's tokenizer:
+    `kind` splade, classifier, reranker or embedding (a bare BertModel, CLS-pooled)."""
     import torch
-    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
     torch.manual_seed(seed)
     base = dict(
@@ -269,6 +270,8 @@ def build_tiny_model(kind: str, directory: Path, seed: int = 0) -> Path:
         model = BertForSequenceClassification(config)
     elif kind == "reranker":
         model = BertForSequenceClassification(BertConfig(**base, num_labels=1))
+    elif kind == "embedding":
+        model = BertModel(BertConfig(**base))
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     directory.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ on a free port, against the test database) from its own /api/schema, with a boun
 of examples per operation, valid and invalid. No answer may be a 5xx; every answer must be
 documented (status, content type, body schema); every error must be the envelope; what the
 schema calls invalid must be refused. Operations on one instance run twice: on generated
-names (404s) and on an instance that exists (the 200s and 409s).
+names (404s) and on an instance (or a model) that exists (the 200s and 409s).
 
 Creates, starts and restarts enqueue Celery tasks, and none of them may start a process:
 the server runs as node `fuzz-<session>`, which no worker serves, so its launch messages
@@ -65,14 +65,18 @@ CHECKS = [
 def test_the_api_answers_fuzzing_as_its_schema_says(fuzzed_web: LiveWeb) -> None:
     schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{fuzzed_web.port}/api/schema")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 12
+    assert len(operations) == 19
     # /health takes no input; its verdict (200, or 503 while a part is stale, as here where
     # no beat runs) is tests/test_health.py's to check.
     operations = [operation for operation in operations if operation.path != "/health"]
     for index, operation in enumerate(operations):
         for mode in MODES:
             fuzz(operation, mode)
-        if operation.path_parameters:
+        if "{model_id}" in operation.path:
+            model_id = existing_model(fuzzed_web, f"fuzz/model-{index}")
+            for mode in MODES:
+                fuzz(operation, mode, path_parameters={"model_id": model_id})
+        elif operation.path_parameters:
             name = existing_instance(fuzzed_web, f"fuzz-{index}")
             for mode in MODES:
                 fuzz(operation, mode, path_parameters={"name": name})
@@ -85,6 +89,13 @@ def existing_instance(web: LiveWeb, name: str) -> str:
     assert status == 201, reply
     (TEST_LOG_DIR / f"{name}.log").write_text("".join(f"line {i}\n" for i in range(20)))
     return name
+
+
+def existing_model(web: LiveWeb, model_id: str) -> str:
+    body = json.dumps({"model_id": model_id}).encode()
+    status, _, reply = web.request("POST", "/models", body, {"Content-Type": "application/json"})
+    assert status == 201, reply
+    return model_id
 
 
 def fuzz(operation: Any, mode: GenerationMode, **fixed: Any) -> None:

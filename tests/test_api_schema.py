@@ -28,13 +28,13 @@ def test_every_operation_documents_its_errors_as_the_envelope(schema: dict[str, 
         for path, item in schema["paths"].items()
         for method, operation in item.items()
     ]
-    assert len(operations) == 12
+    assert len(operations) == 19
     for method, path, operation in operations:
         responses = operation["responses"]
         expected = {"400", "405", "500"} | ({"403"} if method in UNSAFE else set())
         # Behind a key (protected mode), every operation but /health.
         expected |= {"401", "403"} if path != "/health" else set()
-        expected |= {"404"} if "{name}" in path else set()
+        expected |= {"404"} if "{name}" in path or "{model_id}" in path else set()
         assert expected <= set(responses), (method, path, sorted(responses))
         for status, response in responses.items():
             if (path, status) == ("/health", "503"):

@@ -111,7 +111,7 @@ def test_it_has_a_test_for_every_management_command() -> None:
     ours = sorted(
         name
         for name, app in get_commands().items()
-        if app in ("instances", "multiplexer", "access")
+        if app in ("instances", "registry", "multiplexer", "access")
     )
     assert {"seed_instances", "ensure_superuser", "apikey"} <= set(ours)
     tests = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))

@@ -79,8 +79,15 @@ def as_error(exc: Exception) -> TeiManagerError | None:
     return None
 
 
-def body(error: TeiManagerError) -> dict[str, str]:
-    return {"error": error.message, "code": error.code, "timestamp": iso(timezone.now())}
+def body(error: TeiManagerError) -> dict[str, Any]:
+    envelope: dict[str, Any] = {
+        "error": error.message,
+        "code": error.code,
+        "timestamp": iso(timezone.now()),
+    }
+    if error.details:
+        envelope["details"] = error.details
+    return envelope
 
 
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
@@ -105,7 +112,7 @@ _HTTP_ERRORS: dict[int, type[TeiManagerError]] = {
 }
 
 
-def http_error(status: int, message: str) -> dict[str, str]:
+def http_error(status: int, message: str) -> dict[str, Any]:
     """The envelope for an error status the HTTP server sends on its own."""
     kind = _HTTP_ERRORS.get(status)
     if kind is not None:

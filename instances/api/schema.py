@@ -13,6 +13,11 @@ class ErrorSerializer(serializers.Serializer):
     error = serializers.CharField(help_text="What went wrong, in words.")
     code = serializers.CharField(help_text="The error code; the response lists its codes.")
     timestamp = serializers.DateTimeField(help_text="When, in UTC (ISO 8601, ending in Z).")
+    details = serializers.DictField(
+        required=False,
+        help_text="Figures to act on, for some codes (INSUFFICIENT_MEMORY: needed_bytes, "
+        "free_bytes).",
+    )
 
 
 # What any operation may answer: the Host check and the crash handler run before any view.

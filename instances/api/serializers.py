@@ -117,6 +117,14 @@ class InstanceCreateSerializer(serializers.Serializer):
         help_text="Start it on another node when its node is down; left out: the config's "
         "failover_default.",
     )
+    idle_timeout_secs = serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_INT,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Stop it after this long without a call (null: its model's setting, if any).",
+    )
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):
@@ -232,6 +240,8 @@ class InstanceSerializer(serializers.ModelSerializer):
             "auto_truncate",
             "startup_timeout_secs",
             "extra_args",
+            "idle_timeout_secs",
+            "on_demand",
             "node",
             "failover",
             "desired_state",
@@ -242,6 +252,7 @@ class InstanceSerializer(serializers.ModelSerializer):
             "health_check_failures",
             "last_health_check",
             "last_error",
+            "last_call_at",
             "created_at",
             "updated_at",
             "reachable",
@@ -266,7 +277,7 @@ def list_instances_json() -> str:
     for name in _MODEL_FIELDS:
         if name in _DATETIME_FIELDS:  # stored as "YYYY-MM-DD HH:MM:SS[.ffffff]" in UTC
             value = f"replace({name}, ' ', 'T') || 'Z'"
-        elif name in ("auto_truncate", "failover"):
+        elif name in ("auto_truncate", "failover", "on_demand"):
             value = f"json(CASE WHEN {name} THEN 'true' ELSE 'false' END)"
         elif name == "extra_args":
             value = f"json({name})"
@@ -286,14 +297,24 @@ def list_instances_json() -> str:
 
 
 def represent(data: dict[str, Any]) -> dict[str, Any]:
-    for name in _DATETIME_FIELDS:
+    return represent_times(data, _DATETIME_FIELDS)
+
+
+def represent_times(data: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    for name in names:
         data[name] = iso(data[name])
     return data
 
 
 # The columns of a row; "reachable" is derived from the node registry.
 _MODEL_FIELDS = [name for name in InstanceSerializer.Meta.fields if name != "reachable"]
-_DATETIME_FIELDS = ("started_at", "last_health_check", "created_at", "updated_at")
+_DATETIME_FIELDS = (
+    "started_at",
+    "last_health_check",
+    "last_call_at",
+    "created_at",
+    "updated_at",
+)
 
 
 @overload

@@ -55,7 +55,7 @@ class InstanceList(APIView):
                 {
                     400: _INVALID_FIELD,
                     404: ["NODE_NOT_FOUND"],
-                    409: ["INSTANCE_EXISTS", "NODE_DOWN"],
+                    409: ["INSTANCE_EXISTS", "NODE_DOWN", "INSUFFICIENT_MEMORY"],
                     422: ["PORT_CONFLICT", "MAX_INSTANCES_REACHED"],
                 },
                 changes_state=True,

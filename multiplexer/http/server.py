@@ -25,7 +25,7 @@ from aiohttp import web
 from multiplexer.channels import ChannelPool
 from multiplexer.http import openapi, schemas
 from multiplexer.http.errors import HttpError, from_exception, render, shape_of
-from multiplexer.http.openai import OpenAIApi
+from multiplexer.http.openai import OpenAIApi, resolve
 from multiplexer.http.tei import Answer, Call, Header, TeiApi, parse
 from multiplexer.keys import KeyEntry, Keyring, bearer
 from multiplexer.metrics import UNROUTED, HttpMetrics
@@ -94,6 +94,7 @@ class HttpServer:
         hops: HopTracer | None = None,
     ) -> None:
         self.keyring = keyring or Keyring()
+        self.router = router
         self.tei = TeiApi(router, pool, request_timeout, max_client_batch_size)
         self.openai = OpenAIApi(self.tei)
         self.metrics = HttpMetrics(traffic)
@@ -154,23 +155,24 @@ class HttpServer:
 
     def _tei_route(self, operation: Operation) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
-            call = self._start(request, _target(request))
+            call = await self._start(request, _target(request))
             body = parse(operation.body, await request.read()) if operation.body else None
             return _json(await operation.run(self.tei, call, body))
 
         return handle
 
     async def _invocations(self, request: web.Request) -> web.Response:
-        call = self._start(request, _target(request))
+        call = await self._start(request, _target(request))
         return _json(await self.tei.invocations(call, await request.read()))
 
     async def _target_embeddings(self, request: web.Request) -> web.Response:
         body = parse(schemas.OpenAIEmbeddingRequest, await request.read())
-        call = self._start(request, _target(request))
+        call = await self._start(request, _target(request))
         return _json(await self.openai.embeddings(call, body, call.route.model_id))
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = parse(schemas.OpenAIEmbeddingRequest, await request.read())
+        await self._ready(request, resolve(self.router.table, body.model or ""))
         call = self._started(
             request, self.openai.start(body.model, request[GRANT], _metadata(request))
         )
@@ -178,6 +180,7 @@ class HttpServer:
 
     async def _rerank(self, request: web.Request) -> web.Response:
         body = parse(schemas.OpenAIRerankRequest, await request.read())
+        await self._ready(request, resolve(self.router.table, body.model or ""))
         call = self._started(
             request, self.openai.start(body.model, request[GRANT], _metadata(request))
         )
@@ -200,8 +203,14 @@ class HttpServer:
 
     # Shared ---------------------------------------------------------------------------
 
-    def _start(self, request: web.Request, target: Target) -> Call:
+    async def _start(self, request: web.Request, target: Target) -> Call:
+        await self._ready(request, target)
         return self._started(request, self.tei.start(target, request[GRANT], _metadata(request)))
+
+    async def _ready(self, request: web.Request, target: Target) -> None:
+        """An on-demand model with no instance running: have one started, wait for it."""
+        if self.router.needs_start(target, request[GRANT]):
+            await self.router.start(target, None)
 
     def _started(self, request: web.Request, call: Call) -> Call:
         request[CALL] = call
