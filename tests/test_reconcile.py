@@ -254,13 +254,18 @@ def test_it_leaves_a_launch_in_progress_alone_and_relaunches_a_lost_one(
 
 
 def test_it_relaunches_a_launch_lost_after_its_spawn(fake_worker: Worker, settings: Any) -> None:
-    # A pool process spawned the instance and died before it saved the pid.
+    # A pool process spawned the instance and died before it saved the pid. The claim is
+    # fresh until the process exists (a tick in between must not see a launch lost before
+    # its spawn), then it is thirty seconds old.
     row = Instance.objects.create(
         name="stray", model_id="fake/model", port=_free_port(), prometheus_port=_free_port(1),
         node=settings.NODE_NAME, status=Status.STARTING, launch_token="dead-worker",
-        started_at=timezone.now() - timezone.timedelta(seconds=30),
+        started_at=timezone.now(),
     )  # fmt: skip
     stray = process.spawn(row, str(FAKE_TEI), settings.LOG_DIR)
+    Instance.objects.filter(pk=row.pk).update(
+        started_at=timezone.now() - timezone.timedelta(seconds=30)
+    )
     try:
         running = wait_for_new_process("stray", stray.pid, 30, "a fresh start")
         assert running.restarts == 1
