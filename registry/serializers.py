@@ -15,7 +15,9 @@ from instances.api.serializers import (
     MODEL_ID_RULE,
     InstanceCreateSerializer,
     StrictCharField,
+    StrictSerializer,
     _first_message,
+    model_id_field,
     represent_times,
 )
 from instances.models import Pooling
@@ -27,14 +29,8 @@ ACTIONS = ("download", "verify", "cancel")
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
-class ModelCreateSerializer(serializers.Serializer):
-    model_id = StrictCharField(
-        min_length=1,
-        max_length=255,
-        trim_whitespace=False,
-        validators=[RegexValidator(MODEL_ID_RE, MODEL_ID_RULE)],
-        help_text="A Hugging Face model id (org/name) or a local directory.",
-    )
+class ModelCreateSerializer(StrictSerializer):
+    model_id = model_id_field()
     revision = StrictCharField(
         max_length=255,
         required=False,
@@ -66,13 +62,6 @@ class ModelCreateSerializer(serializers.Serializer):
         help_text="An on-demand start without memory free first stops the least recently "
         "used on-demand instance.",
     )
-
-    def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = sorted(set(data) - set(self.fields))
-            if unknown:
-                raise serializers.ValidationError({unknown[0]: ["unknown field"]})
-        return super().to_internal_value(data)
 
     def validate_model_id(self, value: str) -> str:
         value = InstanceCreateSerializer().validate_model_id(value)

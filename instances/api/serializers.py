@@ -46,7 +46,40 @@ class StrictCharField(serializers.CharField):
         return str(super().to_internal_value(data))
 
 
-class InstanceCreateSerializer(serializers.Serializer):
+class StrictSerializer(serializers.Serializer):
+    """A body that names a field this serializer does not know is refused, not ignored."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({unknown[0]: ["unknown field"]})
+        return super().to_internal_value(data)
+
+
+def model_id_field() -> StrictCharField:
+    return StrictCharField(
+        min_length=1,
+        max_length=255,
+        trim_whitespace=False,
+        validators=[RegexValidator(MODEL_ID_RE, MODEL_ID_RULE)],
+        help_text="A Hugging Face model id (org/name) or a local directory.",
+    )
+
+
+def port_field() -> serializers.IntegerField:
+    return serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,
+        min_value=PORT_MIN,
+        max_value=PORT_MAX,
+        error_messages={"min_value": PORT_RULE, "max_value": PORT_RULE},
+        help_text="Taken from the configured range when left out.",
+    )
+
+
+class InstanceCreateSerializer(StrictSerializer):
     name = StrictCharField(
         min_length=1,
         max_length=64,
@@ -54,31 +87,9 @@ class InstanceCreateSerializer(serializers.Serializer):
         validators=[RegexValidator(NAME_RE, NAME_RULE)],
         help_text="Letters, digits, '-' and '_', from a letter or digit; names the log file.",
     )
-    model_id = StrictCharField(
-        min_length=1,
-        max_length=255,
-        trim_whitespace=False,
-        validators=[RegexValidator(MODEL_ID_RE, MODEL_ID_RULE)],
-        help_text="A Hugging Face model id (org/name) or a local directory.",
-    )
-    port = serializers.IntegerField(
-        required=False,
-        allow_null=True,
-        default=None,
-        min_value=PORT_MIN,
-        max_value=PORT_MAX,
-        error_messages={"min_value": PORT_RULE, "max_value": PORT_RULE},
-        help_text="Taken from the configured range when left out.",
-    )
-    prometheus_port = serializers.IntegerField(
-        required=False,
-        allow_null=True,
-        default=None,
-        min_value=PORT_MIN,
-        max_value=PORT_MAX,
-        error_messages={"min_value": PORT_RULE, "max_value": PORT_RULE},
-        help_text="Taken from the configured range when left out.",
-    )
+    model_id = model_id_field()
+    port = port_field()
+    prometheus_port = port_field()
     gpu_id = serializers.IntegerField(
         required=False,
         allow_null=True,
@@ -125,13 +136,6 @@ class InstanceCreateSerializer(serializers.Serializer):
         default=None,
         help_text="Stop it after this long without a call (null: its model's setting, if any).",
     )
-
-    def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = sorted(set(data) - set(self.fields))
-            if unknown:
-                raise serializers.ValidationError({unknown[0]: ["unknown field"]})
-        return super().to_internal_value(data)
 
     def validate_model_id(self, value: str) -> str:
         if not value.strip():
