@@ -1,13 +1,18 @@
-"""TEI's batching: tokenizer workers, one FIFO queue, one forward pass at a time, no timer.
+"""TEI's batching: tokenizer workers, one FIFO queue, no timer.
 
 Requests reach `submit()` as text. A pool of workers tokenizes them (the Rust tokenizer
 runs without the GIL) and queues them; a batch takes inputs from the head of the queue
 until the next one would push the padded batch past `max_batch_tokens` (or the batch
-holds `max_batch_requests`). The worker that finds the model free runs batches until the
+holds `max_batch_requests`). A worker that finds a runner free runs batches until the
 queue is empty, while the other workers tokenize what arrives meanwhile: the next batch
-forms the moment the model is free. The pool has `--tokenization-workers` + 1 threads,
-so that as many tokenize while one runs the model, and a lone request is tokenized and
+forms the moment a runner is free. The pool has `--tokenization-workers` + `runners`
+threads, so that as many tokenize while batches run, and a lone request is tokenized and
 run by the same thread (one hand-over fewer).
+
+With one runner (TEI's way) one forward pass runs at a time. With more, as many batches
+run at once, each told whether it runs `alone` (no other batch running, none waiting):
+the engine gives a batch alone every core and each of several batches one core (see
+localtei.onnx_engine).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from localtei.tokenization import Encoded, TextInput
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[Sequence[Job]], list[Any]]
+# Runs one batch; the flag says it runs alone (no other batch running or waiting).
+RunBatch = Callable[[Sequence[Job], bool], list[Any]]
 Tokenize = Callable[[Sequence[TextInput]], list[Encoded | ServingError]]
 # Called on a worker thread with jobs and their results (an item may be the job's
 # ServingError), or one error for all of them.
@@ -44,6 +50,7 @@ class Batcher:
         *,
         tokenize: Tokenize | None = None,
         tokenization_workers: int = 1,
+        runners: int = 1,
     ) -> None:
         self._run_batch = run_batch
         self._deliver = deliver
@@ -51,10 +58,11 @@ class Batcher:
         self._max_batch_tokens = max_batch_tokens
         self._max_batch_requests = max_batch_requests
         self._queue: deque[Job] = deque()
-        self._queue_lock = threading.Lock()
-        self._model_lock = threading.Lock()  # held by the worker running forward passes
+        self._queue_lock = threading.Lock()  # guards the queue and the count of batches running
+        self._runners = max(1, runners)
+        self._running = 0
         self.workers = ThreadPoolExecutor(
-            max(1, tokenization_workers) + 1, thread_name_prefix="localtei-worker"
+            max(1, tokenization_workers) + self._runners, thread_name_prefix="localtei-worker"
         )
 
     def submit(self, jobs: Sequence[Job]) -> None:
@@ -112,27 +120,25 @@ class Batcher:
         return [job for job in jobs if job.encoded is not None]
 
     def _drain(self) -> None:
-        """Run batches until the queue is empty, unless another worker is running them.
+        """Run batches until the queue is empty, unless every runner is busy.
 
-        The queue is checked again after the model is let go: a job queued by a worker
-        that found the model busy a moment before is run, never stranded.
+        The queue is checked again, under the same lock, after a batch ends: a job queued
+        by a worker that found every runner busy a moment before is run, never stranded.
         """
-        while self._queue:
-            if not self._model_lock.acquire(blocking=False):
-                return
+        while True:
+            with self._queue_lock:
+                if not self._queue or self._running >= self._runners:
+                    return
+                batch = take_batch(self._queue, self._max_batch_tokens, self._max_batch_requests)
+                self._running += 1
+                alone = self._running == 1 and not self._queue
             try:
-                while True:
-                    with self._queue_lock:
-                        if not self._queue:
-                            break
-                        batch = take_batch(
-                            self._queue, self._max_batch_tokens, self._max_batch_requests
-                        )
-                    self._run(batch)
+                self._run(batch, alone)
             finally:
-                self._model_lock.release()
+                with self._queue_lock:
+                    self._running -= 1
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, batch: list[Job], alone: bool) -> None:
         start = time.perf_counter_ns()
         for job in batch:
             job.queue_ns = start - job.enqueued_ns
@@ -141,7 +147,7 @@ class Batcher:
         metrics.BATCH_NEXT_TOKENS.observe(sum(job.tokens for job in batch))
         metrics.BATCH_INFERENCE_COUNT.inc()
         try:
-            results: list[Any] | BaseException = self._run_batch(batch)
+            results: list[Any] | BaseException = self._run_batch(batch, alone)
             metrics.BATCH_INFERENCE_SUCCESS.inc()
         except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
             log.exception("inference failed for a batch of %d", len(batch))

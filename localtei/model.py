@@ -19,7 +19,12 @@ import numpy as np
 from localtei.errors import BackendError, StartupError
 from localtei.jobs import Job, Task
 from localtei.lookup import ModelLocation, find_model
-from localtei.settings import BACKENDS, default_cache_dir, default_num_threads
+from localtei.settings import (
+    BACKENDS,
+    configured_runners,
+    default_cache_dir,
+    default_num_threads,
+)
 from localtei.spec import ModelKind, ModelSpec, describe_model
 from localtei.tokenization import TextInput, TextTokenizer
 
@@ -37,16 +42,24 @@ class Engine(Protocol):
     device: str
     dtype: str  # what Info's model_dtype says
     threads: int
+    runners: int  # batches that may run at once
     # Padded tokens per forward pass beyond which it runs no faster, if there is such a limit.
     batch_tokens: int | None
 
     def forward(
-        self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, *, hidden: bool, pooled: bool
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        types: np.ndarray,
+        *,
+        hidden: bool,
+        pooled: bool,
+        alone: bool = True,
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(token vectors (batch, tokens, size) if `hidden`, pooled vectors if `pooled`).
 
         For classifiers and rerankers `pooled` is the logits (batch, labels); for SPLADE
-        the pooled vocabulary-sized vectors.
+        the pooled vocabulary-sized vectors. `alone`: no other batch runs meanwhile.
         """
         ...
 
@@ -61,6 +74,7 @@ def load_model(
     device: str | None = None,
     backend: str = "auto",
     threads: int | None = None,
+    runners: int | None = None,
     onnx_cache: str | Path | None = None,
     default_prompt: str | None = None,
     default_prompt_name: str | None = None,
@@ -72,8 +86,10 @@ def load_model(
     `backend`: "onnx" (ONNX Runtime on CPU), "torch", or "auto": ONNX Runtime on CPU and
     torch on CUDA, torch when ONNX Runtime cannot run the model (logged). `dtype` "int8"
     is ONNX Runtime's dynamic quantization, only when asked. `threads`: intra-op threads
-    (default LOCALTEI_NUM_THREADS, else every core). `onnx_cache`: where exported ONNX
-    files are kept (default LOCALTEI_CACHE, else a folder under the Hugging Face cache).
+    (default LOCALTEI_NUM_THREADS, else every core). `runners`: batches ONNX Runtime may
+    run at once (default LOCALTEI_RUNNERS, else see localtei.onnx_engine). `onnx_cache`:
+    where exported ONNX files are kept (default LOCALTEI_CACHE, else a folder under the
+    Hugging Face cache).
     `max_input_length` caps the model's own limit (the server passes `--max-batch-tokens`).
     `found`: where the model is and what it is, when the caller has looked already.
     """
@@ -100,8 +116,9 @@ def load_model(
         limit = max_input_length
     tokenizer = TextTokenizer.from_model_dir(location.path, limit, spec.prompts, default_prompt)
     threads = threads or default_num_threads()
+    runners = runners or configured_runners()
     cache = Path(onnx_cache) if onnx_cache is not None else default_cache_dir()
-    engine = _load_engine(spec, backend, device, dtype, threads, cache)
+    engine = _load_engine(spec, backend, device, dtype, threads, runners, cache)
     return Model(model_id, spec, engine, tokenizer, location.sha)
 
 
@@ -111,6 +128,7 @@ def _load_engine(
     device: str | None,
     dtype: str | None,
     threads: int,
+    runners: int | None,
     cache: Path,
 ) -> Engine:
     device = device or ("cuda" if backend != "onnx" and _cuda_available() else "cpu")
@@ -127,7 +145,7 @@ def _load_engine(
         from localtei.onnx_engine import OnnxUnavailable, load_onnx_engine
 
         try:
-            return load_onnx_engine(spec, dtype or "float32", threads, cache)
+            return load_onnx_engine(spec, dtype or "float32", threads, cache, runners)
         except OnnxUnavailable as exc:
             if backend == "onnx" or dtype == "int8":
                 raise StartupError(f"ONNX Runtime cannot run the model: {exc}") from exc
@@ -198,15 +216,15 @@ class Model:
         if task is Task.POOLED and splade and normalize:
             raise BackendError("`normalize` is not available for SPLADE models")
 
-    def run(self, jobs: Sequence[Job]) -> list[Any]:
+    def run(self, jobs: Sequence[Job], alone: bool = True) -> list[Any]:
         """Results in job order: a vector (float32 array), (indices, values), token
-        vectors, or scores."""
+        vectors, or scores. `alone`: no other batch runs meanwhile (see Batcher)."""
         start = time.perf_counter_ns()
         lengths = [job.tokens for job in jobs]
         ids, mask, types = self._inputs(jobs, lengths)
         tasks = {job.task for job in jobs}
         hidden, pooled = self.engine.forward(
-            ids, mask, types, hidden=Task.ALL in tasks, pooled=bool(tasks - {Task.ALL})
+            ids, mask, types, hidden=Task.ALL in tasks, pooled=bool(tasks - {Task.ALL}), alone=alone
         )
         results = self._results(jobs, lengths, hidden, pooled)
         elapsed = time.perf_counter_ns() - start

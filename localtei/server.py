@@ -99,6 +99,7 @@ async def _serve(settings: Settings) -> int:
         settings.max_batch_requests,
         tokenize=model.tokenizer.encode_many,
         tokenization_workers=settings.tokenization_workers or core_count(),
+        runners=model.engine.runners,
     )
     service.attach(model, batcher)
     await health.set("", _SERVING)

@@ -1,5 +1,5 @@
 """The server's settings, as parsed from text-embeddings-router's flags, and the knobs
-localtei reads from its environment (LOCALTEI_NUM_THREADS, LOCALTEI_CACHE)."""
+localtei reads from its environment (LOCALTEI_NUM_THREADS, LOCALTEI_RUNNERS, LOCALTEI_CACHE)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,19 @@ def default_num_threads() -> int:
     """Intra-op threads for the forward pass: LOCALTEI_NUM_THREADS, else every core (as TEI)."""
     configured = int(os.environ.get("LOCALTEI_NUM_THREADS") or 0)
     return configured or core_count()
+
+
+def configured_runners() -> int | None:
+    """Batches ONNX Runtime may run at once: LOCALTEI_RUNNERS, else None (decided by the
+    engine, see localtei.onnx_engine.runners_for)."""
+    value = os.environ.get("LOCALTEI_RUNNERS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        from localtei.errors import StartupError
+
+        raise StartupError(f"LOCALTEI_RUNNERS must be a whole number >= 1, not {value!r}")
+    return int(value)
 
 
 def default_cache_dir() -> Path:

@@ -29,6 +29,7 @@ def load_torch_engine(spec: ModelSpec, dtype: str | None, device: str, threads: 
 class TorchEngine:
     name = "torch"
     batch_tokens: int | None = None
+    runners = 1  # one forward pass at a time, on every thread
 
     def __init__(
         self, spec: ModelSpec, module: torch.nn.Module, device: str, dtype: str, threads: int
@@ -44,7 +45,14 @@ class TorchEngine:
         self._logits = spec.kind is not ModelKind.EMBEDDING or spec.is_splade
 
     def forward(
-        self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, *, hidden: bool, pooled: bool
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        types: np.ndarray,
+        *,
+        hidden: bool,
+        pooled: bool,
+        alone: bool = True,
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         with torch.inference_mode():
             attention = torch.from_numpy(mask).to(self._device)

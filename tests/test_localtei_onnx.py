@@ -146,6 +146,43 @@ def test_int8_is_quantized_only_when_asked_and_stays_close() -> None:
     assert min(cosines(int8.embed(TEXTS), float32.embed(TEXTS))) >= 0.97
 
 
+def test_a_batch_beside_others_gets_the_numbers_of_a_batch_alone() -> None:
+    model = load_model(MINILM_ID, backend="onnx", threads=2, runners=2)
+    assert model.engine.runners == 2
+    inputs = [TextInput(text) for text in TEXTS]
+    jobs = [Job(e, Task.POOLED) for e in model.tokenizer.encode_many(inputs)]  # type: ignore[arg-type]
+    alone, beside = model.run(jobs, alone=True), model.run(jobs, alone=False)
+    assert min(cosines(alone, beside)) >= 0.99999
+
+
+@pytest.mark.parametrize(
+    ("threads", "weight_bytes", "configured", "expected"),
+    [
+        (2, 90 * 2**20, None, 2),  # a small model: one batch per thread
+        (4, 90 * 2**20, None, 4),
+        (1, 90 * 2**20, None, 1),  # one thread: nothing to run side by side
+        (2, 400 * 2**20, None, 1),  # two copies of a big model would outgrow torch: TEI's way
+        (2, 400 * 2**20, 2, 2),  # LOCALTEI_RUNNERS wins...
+        (2, 90 * 2**20, 8, 2),  # ...up to the thread count
+    ],
+)
+def test_how_many_batches_run_at_once(
+    threads: int, weight_bytes: int, configured: int | None, expected: int
+) -> None:
+    from localtei.onnx_engine import runners_for
+
+    assert runners_for(threads, weight_bytes, configured) == expected
+
+
+def test_a_bad_runner_count_fails_the_start_with_one_line(tmp_path: Path) -> None:
+    env = localtei_env(LOCALTEI_RUNNERS="two")
+    server = launch_localtei(MINILM_ID, env=env, log_path=tmp_path / "log", prepare=False)
+    assert server.proc.wait(120) == 1
+    assert (
+        "LOCALTEI_RUNNERS must be a whole number >= 1, not 'two'" in (tmp_path / "log").read_text()
+    )
+
+
 def test_an_embed_answer_built_from_bytes_is_the_same_message() -> None:
     vector = np.random.default_rng(0).standard_normal(384).astype(np.float32)
     built = tei_pb2.EmbedResponse.FromString(packed_floats(vector))
@@ -387,17 +424,32 @@ def test_info_says_int8_when_int8_was_asked_for(tmp_path: Path) -> None:
 
 
 def test_the_onnx_server_answers_as_torch_does_and_uses_no_more_memory(tmp_path: Path) -> None:
+    """ONNX on two threads: two sessions (every thread; one thread per concurrent batch),
+    its largest layout, still under torch's memory. Calls come 8 at a time, so batches run
+    side by side on the one-thread session and alone on the other."""
     texts = [f"Sentence {i} is about topic {i * 7 % 13}, padded to various lengths." * (i % 3 + 1)
              for i in range(64)]  # fmt: skip
     rss, vectors = {}, {}
     for backend in ("torch", "onnx"):
         args = ("--backend", backend)
-        with start_localtei(MINILM_ID, *args, log_path=tmp_path / f"{backend}.log") as server:
-            vectors[backend] = embed_all(server, texts)  # also the warm-up
+        env = localtei_env(LOCALTEI_NUM_THREADS="2")
+        log_path = tmp_path / f"{backend}.log"
+        with start_localtei(MINILM_ID, *args, env=env, log_path=log_path) as server:
+            vectors[backend] = embed_concurrently(server, texts)  # also the warm-up
             rss[backend] = psutil.Process(server.proc.pid).memory_info().rss
             assert f"{backend} on cpu" in server.log_text()
+    assert "up to 2 batches at once" in (tmp_path / "onnx.log").read_text()
     assert min(cosines(vectors["onnx"], vectors["torch"])) >= 0.9999
     assert rss["onnx"] <= rss["torch"], {name: value / 2**20 for name, value in rss.items()}
+
+
+def embed_concurrently(server: Any, texts: list[str]) -> list[list[float]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with server.channel() as channel, ThreadPoolExecutor(8) as callers:
+        stub = tei_pb2_grpc.EmbedStub(channel)
+        answers = callers.map(lambda text: stub.Embed(tei_pb2.EmbedRequest(inputs=text)), texts)
+        return [list(answer.embeddings) for answer in answers]
 
 
 def test_cuda_runs_torch_in_float16_where_there_is_a_gpu(tmp_path: Path) -> None:
@@ -428,6 +480,9 @@ class Recorder:
         self.running = threading.Event()
         self.release = threading.Event()
         self.second_tokenized = threading.Event()
+        self.alone: dict[str, bool] = {}  # first text of each batch: did it run alone?
+        self.concurrent = 0
+        self.most_at_once = 0
 
     def tokenize(self, inputs: Any) -> list[Any]:
         self.tokenized_on.append(threading.current_thread().name)
@@ -438,9 +493,17 @@ class Recorder:
             for item in inputs
         ]
 
-    def run_batch(self, jobs: Any) -> list[Any]:
+    def run_batch(self, jobs: Any, alone: bool) -> list[Any]:
+        with self.done:
+            self.alone[jobs[0].source.text] = alone
+            self.concurrent += 1
+            self.most_at_once = max(self.most_at_once, self.concurrent)
         self.running.set()
-        assert self.release.wait(30)
+        try:
+            assert self.release.wait(30)
+        finally:
+            with self.done:
+                self.concurrent -= 1
         return [job.source.text for job in jobs]
 
     def deliver(self, jobs: list[Job], results: Any) -> None:
@@ -486,6 +549,42 @@ def test_the_next_batch_is_tokenized_on_a_worker_while_one_runs(
     calls.wait_for(2)
     assert calls.delivered == {"first": "first", "second": "second"}
     assert all(name.startswith("localtei-worker") for name in calls.tokenized_on)
+
+
+def test_with_two_runners_a_batch_starts_while_another_runs_and_each_knows_it() -> None:
+    calls = Recorder()
+    batcher = Batcher(calls.run_batch, calls.deliver, 1000, tokenize=calls.tokenize, runners=2)
+    try:
+        batcher.submit([text_job("first")])
+        assert calls.running.wait(30)  # "first" holds one runner until released...
+        batcher.submit([text_job("second")])
+        with calls.done:  # ...and "second" starts on the other meanwhile
+            assert calls.done.wait_for(lambda: "second" in calls.alone, 30)
+        batcher.submit([text_job("third")])  # both runners busy: it waits in the queue
+        time.sleep(0.2)
+        assert "third" not in calls.alone
+        calls.release.set()
+        calls.wait_for(3)
+        assert calls.delivered == {"first": "first", "second": "second", "third": "third"}
+        assert calls.most_at_once == 2
+        # The engine gives a batch every core only when it runs with no other one.
+        assert calls.alone["first"] is True and calls.alone["second"] is False
+    finally:
+        calls.release.set()
+        batcher.stop()
+
+
+def test_one_runner_runs_one_batch_at_a_time(recorder: tuple[Recorder, Batcher]) -> None:
+    calls, batcher = recorder
+    batcher.submit([text_job("first")])
+    assert calls.running.wait(30)
+    batcher.submit([text_job("second")])
+    assert calls.second_tokenized.wait(30)
+    time.sleep(0.2)
+    assert "second" not in calls.alone  # queued behind "first", not started beside it
+    calls.release.set()
+    calls.wait_for(2)
+    assert calls.most_at_once == 1 and calls.alone == {"first": True, "second": True}
 
 
 def test_a_refused_input_fails_alone(recorder: tuple[Recorder, Batcher]) -> None:
