@@ -41,20 +41,25 @@ def core_count() -> int:
 
 def default_num_threads() -> int:
     """Intra-op threads for the forward pass: LOCALTEI_NUM_THREADS, else every core (as TEI)."""
-    configured = int(os.environ.get("LOCALTEI_NUM_THREADS") or 0)
-    return configured or core_count()
+    return _env_count("LOCALTEI_NUM_THREADS") or core_count()
 
 
 def configured_runners() -> int | None:
     """Batches ONNX Runtime may run at once: LOCALTEI_RUNNERS, else None (decided by the
     engine, see localtei.onnx_engine.runners_for)."""
-    value = os.environ.get("LOCALTEI_RUNNERS", "").strip()
+    return _env_count("LOCALTEI_RUNNERS")
+
+
+def _env_count(name: str) -> int | None:
+    """A count from the environment: None when unset or empty, StartupError (one line)
+    when it is not a whole number >= 1."""
+    value = os.environ.get(name, "").strip()
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
         from localtei.errors import StartupError
 
-        raise StartupError(f"LOCALTEI_RUNNERS must be a whole number >= 1, not {value!r}")
+        raise StartupError(f"{name} must be a whole number >= 1, not {value!r}")
     return int(value)
 
 

@@ -174,13 +174,16 @@ def test_how_many_batches_run_at_once(
     assert runners_for(threads, weight_bytes, configured) == expected
 
 
-def test_a_bad_runner_count_fails_the_start_with_one_line(tmp_path: Path) -> None:
-    env = localtei_env(LOCALTEI_RUNNERS="two")
+@pytest.mark.parametrize("name", ["LOCALTEI_RUNNERS", "LOCALTEI_NUM_THREADS"])
+def test_a_bad_count_in_the_environment_fails_the_start_with_one_line(
+    name: str, tmp_path: Path
+) -> None:
+    env = localtei_env(**{name: "two"})
     server = launch_localtei(MINILM_ID, env=env, log_path=tmp_path / "log", prepare=False)
     assert server.proc.wait(120) == 1
-    assert (
-        "LOCALTEI_RUNNERS must be a whole number >= 1, not 'two'" in (tmp_path / "log").read_text()
-    )
+    log = (tmp_path / "log").read_text()
+    assert f"{name} must be a whole number >= 1, not 'two'" in log
+    assert "Traceback" not in log
 
 
 def test_an_embed_answer_built_from_bytes_is_the_same_message() -> None:
