@@ -15,6 +15,7 @@ from django.conf import settings
 from instances import gpu
 from instances.models import Heartbeat, Instance, Status
 from tests.fake_nvml import use_fake_gpus, use_no_nvml
+from tests.stack import free_ports
 
 pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
@@ -67,11 +68,12 @@ def test_it_allocates_distinct_ports_and_skips_ports_bound_on_the_host(
 
 
 def test_it_accepts_every_optional_field(api: Any) -> None:
+    port, prometheus_port = free_ports(2)
     response = create(
         api,
         name="full",
-        port=45001,
-        prometheus_port=45002,
+        port=port,
+        prometheus_port=prometheus_port,
         max_batch_tokens=1024,
         max_concurrent_requests=8,
         pooling="mean",
@@ -81,7 +83,7 @@ def test_it_accepts_every_optional_field(api: Any) -> None:
     )
     assert response.status_code == 201, response.content
     instance = Instance.objects.get(name="full")
-    assert (instance.port, instance.prometheus_port) == (45001, 45002)
+    assert (instance.port, instance.prometheus_port) == (port, prometheus_port)
     assert instance.pooling == "mean"
     assert instance.extra_args == ["--dtype", "float32"]
 
@@ -118,9 +120,10 @@ def test_it_refuses_a_duplicate_name(api: Any) -> None:
 
 
 def test_it_refuses_a_port_taken_by_another_instance(api: Any) -> None:
-    create(api, name="first", port=45011)
-    assert_error(create(api, name="second", port=45011), 422, "PORT_CONFLICT")
-    assert_error(create(api, name="third", prometheus_port=45011), 422, "PORT_CONFLICT")
+    [port] = free_ports(1)
+    assert create(api, name="first", port=port).status_code == 201
+    assert_error(create(api, name="second", port=port), 422, "PORT_CONFLICT")
+    assert_error(create(api, name="third", prometheus_port=port), 422, "PORT_CONFLICT")
 
 
 def test_it_refuses_a_port_bound_on_the_host(api: Any) -> None:
