@@ -20,6 +20,12 @@ every side alike (the table shows medians over rounds):
   that server;
 - one-text latency p50 every way, in blocks of 10 calls per side with a pause between
   blocks (so that threads one side leaves spinning do not slow the next);
+- for reference, the floor under the server's one-text p50: a bare grpc.aio Embed
+  servicer in its own process that tokenizes, runs the same ONNX file (ONNX Runtime's
+  defaults; threads stop spinning when a run ends) and pools inline on its event loop (no
+  batcher, no worker threads, no metrics);
+  `python benchmarks/localtei_throughput.py bare-server PORT ONNX_FILE TOKENIZER_JSON`
+  runs it alone;
 - each server's RSS after warm-up, `--backend torch` and the default (ONNX Runtime).
 
 Goals against the fastest in-process engine: server throughput >= 0.90x, one-text p50
@@ -40,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +95,17 @@ NAMES = {
     "side_by_side": "in-process ONNX Runtime, side by side",
     "server": "localtei server",
     "arrow": "EmbedArrow through the multiplexer",
+    "bare": "a bare Python gRPC Embed server",
 }
 # What the goals are measured against: every core, batch 32 (the issue's definition).
 BASELINES = ("torch", "onnx", "plain")
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["bare-server"]:
+        port, onnx_file, tokenizer_file = sys.argv[2:5]
+        asyncio.run(serve_bare(int(port), onnx_file, tokenizer_file))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=32)
@@ -113,6 +124,7 @@ def main() -> None:
     with start_localtei(MINILM_ID, "--backend", "torch", env=env) as torch_server:
         rss["torch"] = warmed_up_rss(torch_server, texts)
     with (
+        ExitStack() as stack,
         start_localtei(MINILM_ID, env=env) as server,
         multiplexer_for(server) as routed,
         server.channel() as channel,
@@ -125,13 +137,13 @@ def main() -> None:
         }
         threads = {name: model.engine.threads for name, model in engines.items()}
         plain = PlainOnnx(engines["onnx"])
+        bare = stack.enter_context(bare_server(plain.path))
         for model in engines.values():
             model.embed(texts[:64], batch_size=args.batch_size)  # warm-up
         plain.embed(texts[:64], args.batch_size)
         tokens = statistics.mean(len(engines["onnx"].tokenizer.encode(t).ids) for t in texts)
         arrow = arrow_caller(routed_channel, texts)
         arrow()  # warm-up
-        rates: dict[str, list[float]] = {name: [] for name in NAMES}
         runs: dict[str, Callable[[], float]] = {
             "torch": lambda: in_process(engines["torch"], texts, args.batch_size),
             "onnx": lambda: in_process(engines["onnx"], texts, args.batch_size),
@@ -140,6 +152,7 @@ def main() -> None:
             "server": lambda: asyncio.run(concurrent(server.address, texts, args.clients)),
             "arrow": arrow,
         }
+        rates: dict[str, list[float]] = {name: [] for name in runs}
         for round_number in range(args.rounds):
             order = list(runs)
             order = order[round_number % len(order) :] + order[: round_number % len(order)]
@@ -153,12 +166,14 @@ def main() -> None:
             )
         stub = tei_pb2_grpc.EmbedStub(channel)
         info = tei_pb2_grpc.InfoStub(channel)
+        bare_stub = tei_pb2_grpc.EmbedStub(stack.enter_context(grpc.insecure_channel(bare)))
         p50 = latency_p50(
             {
                 "torch": lambda: engines["torch"].embed([LATENCY_TEXT]),
                 "onnx": lambda: engines["onnx"].embed([LATENCY_TEXT]),
                 "plain": lambda: plain.embed([LATENCY_TEXT], 1),
                 "server": lambda: stub.Embed(tei_pb2.EmbedRequest(inputs=LATENCY_TEXT)),
+                "bare": lambda: bare_stub.Embed(tei_pb2.EmbedRequest(inputs=LATENCY_TEXT)),
                 # The floor of the hop: a call the server answers without the model.
                 "info": lambda: info.Info(tei_pb2.InfoRequest()),
             },
@@ -311,6 +326,61 @@ def latency_p50(calls: dict[str, Callable[[], object]], samples: int) -> dict[st
     return {name: statistics.median(spent) for name, spent in timings.items()}
 
 
+async def serve_bare(port: int, onnx_file: str, tokenizer_file: str) -> None:
+    """The least a Python gRPC server does for one Embed call, all of it inline on the
+    event loop: tokenize, run the ONNX file (ONNX Runtime's defaults, threads stop spinning
+    when a run ends), mean-pool, normalize, answer."""
+    import numpy as np
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    options = onnxruntime.SessionOptions()
+    # At the defaults alone, threads left spinning after a run starve the gRPC threads (a
+    # call takes several times longer); localtei's engine stops them the same way.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    session = onnxruntime.InferenceSession(onnx_file, options, providers=["CPUExecutionProvider"])
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    tokenizer.no_padding()  # the file pads every input to 128 tokens, for training
+    inputs = {i.name for i in session.get_inputs()}
+    output = session.get_outputs()[0].name
+
+    class Bare(tei_pb2_grpc.EmbedServicer):
+        async def Embed(self, request: Any, context: Any) -> tei_pb2.EmbedResponse:
+            ids = np.array([tokenizer.encode(request.inputs).ids], dtype=np.int64)
+            given = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            given["token_type_ids"] = np.zeros_like(ids)
+            (hidden,) = session.run([output], {k: v for k, v in given.items() if k in inputs})
+            vector = hidden[0].mean(axis=0)
+            return tei_pb2.EmbedResponse(embeddings=vector / np.linalg.norm(vector))
+
+    server = grpc.aio.server()
+    tei_pb2_grpc.add_EmbedServicer_to_server(Bare(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+@contextmanager
+def bare_server(onnx_file: str) -> Iterator[str]:
+    """`serve_bare` in its own process, on the same ONNX file as the in-process rows."""
+    from tests.localtei_fixtures import minilm_path
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, __file__, "bare-server", str(port), onnx_file,
+         str(minilm_path() / "tokenizer.json")],
+        cwd=ROOT,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        yield address
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 @contextmanager
 def multiplexer_for(server: LocalTEI) -> Iterator[str]:
     """`manage.py runmultiplexer` on a scratch database whose one instance is `server`."""
@@ -431,6 +501,11 @@ def render(
             ),
             f"| the server's gRPC hop alone: unary Info, p50 | | | {p50['info'] * 1000:.2f} ms "
             "| | – (what a Python gRPC server costs a call before any model work) |",
+            f"| for reference: a bare Python gRPC Embed server (grpc.aio, the same ONNX file "
+            f"run inline on its event loop: no batcher, no worker threads, no metrics), p50 "
+            f"| | | {p50['bare'] * 1000:.2f} ms "
+            f"| {p50['bare'] / p50[quickest]:.2f} | the floor under the server's p50 here; "
+            f"server / this: {p50['server'] / p50['bare']:.2f} |",
             "",
             f"Fastest in-process engine (of the first three rows): {NAMES[fastest]}; quickest "
             f"for one text: {NAMES[quickest]}. Medians over {args.rounds} rounds (each round "
