@@ -251,23 +251,27 @@ def test_sigterm_lets_every_process_finish_its_calls_and_leaves_none(
     with grpc.insecure_channel(f"127.0.0.1:{used['grpc']}") as channel:
         stub = multiplexer_pb2_grpc.TeiMultiplexerStub(channel)
         answered: list[Any] = []
-        paused, resume = threading.Event(), threading.Event()
+        served, resume = threading.Event(), threading.Event()
 
         def requests() -> Iterator[mux.EmbedRequest]:
             for i in range(20):
                 if i == 5:
-                    paused.set()
                     resume.wait(60)
                 yield mux.EmbedRequest(
                     target=mux.Target(instance_name="minilm"),
                     request=tei_pb2.EmbedRequest(inputs=f"text {i}"),
                 )
 
-        streamer = threading.Thread(
-            target=lambda: answered.extend(stub.EmbedStream(requests(), timeout=120))
-        )
+        def stream() -> None:
+            for reply in stub.EmbedStream(requests(), timeout=120):
+                answered.append(reply)
+                if len(answered) == 5:
+                    served.set()
+
+        streamer = threading.Thread(target=stream)
         streamer.start()
-        assert paused.wait(60)
+        # The stream is under way (a process has answered its first five) before the signal.
+        assert served.wait(60)
         multiplexer.process.send_signal(signal.SIGTERM)
         try:
             # Every process stops listening at once, and keeps the stream it serves.
