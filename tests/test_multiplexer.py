@@ -863,15 +863,15 @@ def test_it_runs_as_a_command_and_finishes_in_flight_calls_on_sigterm(
 
             def requests() -> Iterator[mux.EmbedRequest]:
                 for i in range(40):
-                    if i == 5:
-                        in_flight.set()
                     yield mux.EmbedRequest(
                         target=target("minilm"),
                         request=tei_pb2.EmbedRequest(inputs=" ".join(["long"] * 200) + str(i)),
                     )
 
             def consume() -> None:
-                answered.extend(stub.EmbedStream(requests(), timeout=60))
+                for reply in stub.EmbedStream(requests(), timeout=60):
+                    answered.append(reply)
+                    in_flight.set()  # the stream is under way: a handler holds it
 
             streamer = threading.Thread(target=consume)
             streamer.start()
