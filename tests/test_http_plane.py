@@ -370,14 +370,17 @@ def test_unknown_paths_and_methods_answer_json(base: str) -> None:
 
 
 @pytest.fixture
-def silent_instance() -> Iterator[tuple[int, threading.Event]]:
-    """A gRPC instance whose Embed never answers; the event is set once a call is cancelled."""
+def silent_instance() -> Iterator[tuple[int, threading.Event, threading.Event]]:
+    """A gRPC instance whose Embed never answers; the events are set once a call has
+    reached it and once a call is cancelled."""
     from concurrent import futures
 
-    cancelled, release = threading.Event(), threading.Event()
+    received, cancelled, release = threading.Event(), threading.Event(), threading.Event()
 
     def hang(request: bytes, context: grpc.ServicerContext) -> bytes:
-        context.add_callback(cancelled.set)
+        if not context.add_callback(cancelled.set):
+            cancelled.set()  # it ended before the handler ran: cancelled already
+        received.set()
         release.wait(30)
         return b""
 
@@ -388,15 +391,17 @@ def silent_instance() -> Iterator[tuple[int, threading.Event]]:
     )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield port, cancelled
+    yield port, received, cancelled
     release.set()
     server.stop(0)
 
 
 def test_a_client_that_disconnects_cancels_its_call(
-    base: str, multiplexer: BackgroundMultiplexer, silent_instance: tuple[int, threading.Event]
+    base: str,
+    multiplexer: BackgroundMultiplexer,
+    silent_instance: tuple[int, threading.Event, threading.Event],
 ) -> None:
-    port, cancelled = silent_instance
+    port, received, cancelled = silent_instance
     add_row("silent", "silent/model", port)
     router = multiplexer.server.router  # type: ignore[union-attr]
     deadline = time.monotonic() + 5
@@ -409,10 +414,9 @@ def test_a_client_that_disconnects_cancels_its_call(
             b"POST /instances/silent/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
             b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        deadline = time.monotonic() + 10
-        while router.in_flight("silent") != 1:
-            assert time.monotonic() < deadline, "the call never reached the instance"
-            time.sleep(0.02)
+        # Disconnect only once the instance holds the call: there is a call to cancel.
+        assert received.wait(10), "the call never reached the instance"
+        assert router.in_flight("silent") == 1
     assert cancelled.wait(10), "the instance's call was not cancelled"
     deadline = time.monotonic() + 10
     while router.in_flight("silent") != 0:
