@@ -129,14 +129,57 @@ def wait_for_table(
     background: BackgroundMultiplexer, expected: dict[str, str], timeout: float = 5.0
 ) -> float:
     """Wait until the routing table holds exactly `expected` (name -> status)."""
+    return wait_for_read(
+        background,
+        lambda table: {n: r.status for n, r in table.by_name.items()} == expected,
+        f"the routing table never held {expected}",
+        timeout,
+    )
+
+
+def wait_for_read(
+    background: BackgroundMultiplexer,
+    holds: Callable[[Any], bool],
+    what: str,
+    timeout: float = 5.0,
+) -> float:
+    """Wait until `holds(routing table)`, as a read that began after this call found it;
+    return the seconds waited.
+
+    A table read earlier may hold by chance: the previous test's rows, flushed at its end
+    and written again under the same names. A read taken between that flush and the new
+    rows would then replace it a moment later with a table that lacks them.
+    """
     assert background.server is not None
     router = background.server.router
+    last_read = read_start_recorder(background)
     started = time.monotonic()
-    while {n: r.status for n, r in router.table.by_name.items()} != expected:
+    while last_read[0] < started or not holds(router.table):
         if time.monotonic() - started > timeout:
-            raise AssertionError(f"routing table {dict(router.table.by_name)} != {expected}")
+            raise AssertionError(f"{what}; the routing table: {dict(router.table.by_name)}")
         time.sleep(0.02)
     return time.monotonic() - started
+
+
+def read_start_recorder(background: BackgroundMultiplexer) -> list[float]:
+    """A one-item list that holds when the refresher's last finished read began (its reads
+    run one after another on its thread); installed on the refresher the first time."""
+    assert background.server is not None
+    refresher = background.server.refresher
+    recorded: list[float] | None = getattr(refresher, "test_last_read_start", None)
+    if recorded is None:
+        recorded = [-math.inf]
+        read = refresher.refresh_once
+
+        def refresh_once() -> bool:
+            begun = time.monotonic()
+            changed = read()
+            recorded[0] = begun
+            return changed
+
+        refresher.refresh_once = refresh_once  # type: ignore[method-assign]
+        refresher.test_last_read_start = recorded  # type: ignore[attr-defined]
+    return recorded
 
 
 def add_instance(

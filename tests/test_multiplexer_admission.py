@@ -27,7 +27,7 @@ from multiplexer.server import BackgroundMultiplexer, ServerOptions
 from multiplexer.wire import Target
 from tests.http_client import HoldingInstance, add_row, request
 from tests.localtei_fixtures import MINILM_ID, LocalTEI, start_localtei
-from tests.test_multiplexer import rpc_error
+from tests.test_multiplexer import rpc_error, wait_for_read
 
 # The gate, without a socket --------------------------------------------------------------
 
@@ -189,8 +189,9 @@ def wait_for(predicate: Callable[[], Any], message: str, timeout: float = 10) ->
 
 
 def routable(background: BackgroundMultiplexer, name: str) -> None:
-    router = background.server.router  # type: ignore[union-attr]
-    wait_for(lambda: name in router.table.by_name, f"{name} never reached the routing table")
+    wait_for_read(
+        background, lambda table: name in table.by_name, f"{name} never reached the routing table"
+    )
 
 
 def embed_wrapper(name: str, text: str = "x") -> mux.EmbedRequest:

@@ -27,7 +27,7 @@ from multiplexer.benchclient import text_batch
 from multiplexer.server import BackgroundMultiplexer, ServerOptions
 from tests.http_client import add_row, request
 from tests.localtei_fixtures import MINILM_ID, LocalTEI, localtei_env, start_localtei
-from tests.test_multiplexer import rpc_error
+from tests.test_multiplexer import rpc_error, wait_for_read
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -53,7 +53,9 @@ def fleet(locked: LocalTEI, multiplexer: BackgroundMultiplexer) -> BackgroundMul
     """Two rows on the one server: `minilm` and `other` (another model id)."""
     add_row("minilm", MINILM_ID, locked.port, api_key=INSTANCE_KEY, node="keys-tests")
     add_row("other", OTHER_MODEL, locked.port, api_key=INSTANCE_KEY, node="keys-tests-b")
-    wait(lambda: {"minilm", "other"} <= set(server(multiplexer).router.table.by_name))
+    wait_for_read(
+        multiplexer, lambda table: {"minilm", "other"} <= set(table.by_name), "both routable"
+    )
     return multiplexer
 
 

@@ -21,7 +21,7 @@ from telemetry.models import TrafficSample
 from tests.conftest import wait_until
 from tests.http_client import HoldingInstance, add_row, request
 from tests.localtei_fixtures import MINILM_ID, LocalTEI, start_localtei
-from tests.test_multiplexer import rpc_error
+from tests.test_multiplexer import rpc_error, wait_for_read
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -40,9 +40,7 @@ def multiplexer() -> Iterator[BackgroundMultiplexer]:
 
 
 def routable(background: BackgroundMultiplexer, name: str) -> None:
-    assert background.server is not None
-    router = background.server.router
-    wait_until(lambda: name in router.table.by_name, 10, f"{name} in the routing table")
+    wait_for_read(background, lambda table: name in table.by_name, f"{name} routable", 10)
 
 
 def totals(name: str) -> dict[str, Any]:
