@@ -25,6 +25,9 @@ every side alike (the table shows medians over rounds):
   defaults and pools inline on its event loop (no batcher, no worker threads, no metrics);
   `python benchmarks/localtei_throughput.py bare-server PORT ONNX_FILE TOKENIZER_JSON`
   runs it alone;
+- for reference, gRPC's own cost around a call of that length: the same bare servicer
+  with no model, whose call only waits as long as the in-process call takes
+  (`... waiting-server PORT SECONDS`);
 - each server's RSS after warm-up, `--backend torch` and the default (ONNX Runtime).
 
 Goals against the fastest in-process engine: server throughput >= 0.90x, one-text p50
@@ -81,6 +84,7 @@ from tests.localtei_fixtures import (  # noqa: E402
     LocalTEI,
     free_port,
     localtei_env,
+    minilm_path,
     start_localtei,
 )
 
@@ -95,6 +99,7 @@ NAMES = {
     "server": "localtei server",
     "arrow": "EmbedArrow through the multiplexer",
     "bare": "a bare Python gRPC Embed server",
+    "waiting": "a bare Python gRPC Embed server that only waits",
 }
 # What the goals are measured against: every core, batch 32 (the issue's definition).
 BASELINES = ("torch", "onnx", "plain")
@@ -103,7 +108,11 @@ BASELINES = ("torch", "onnx", "plain")
 def main() -> None:
     if sys.argv[1:2] == ["bare-server"]:
         port, onnx_file, tokenizer_file = sys.argv[2:5]
-        asyncio.run(serve_bare(int(port), onnx_file, tokenizer_file))
+        asyncio.run(serve_bare(int(port), model_call(onnx_file, tokenizer_file)))
+        return
+    if sys.argv[1:2] == ["waiting-server"]:
+        port, seconds = sys.argv[2:4]
+        asyncio.run(serve_bare(int(port), waiting_call(float(seconds))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=2000)
@@ -136,7 +145,11 @@ def main() -> None:
         }
         threads = {name: model.engine.threads for name, model in engines.items()}
         plain = PlainOnnx(engines["onnx"])
-        bare = stack.enter_context(bare_server(plain.path))
+        tokenizer_file = str(minilm_path() / "tokenizer.json")
+        bare = stack.enter_context(bare_server("bare-server", plain.path, tokenizer_file))
+        # The in-process call's length now, for the server that only waits that long.
+        wait = latency_p50({"plain": lambda: plain.embed([LATENCY_TEXT], 1)}, 50)["plain"]
+        waiting = stack.enter_context(bare_server("waiting-server", f"{wait:.6f}"))
         for model in engines.values():
             model.embed(texts[:64], batch_size=args.batch_size)  # warm-up
         plain.embed(texts[:64], args.batch_size)
@@ -166,6 +179,7 @@ def main() -> None:
         stub = tei_pb2_grpc.EmbedStub(channel)
         info = tei_pb2_grpc.InfoStub(channel)
         bare_stub = tei_pb2_grpc.EmbedStub(stack.enter_context(grpc.insecure_channel(bare)))
+        waiting_stub = tei_pb2_grpc.EmbedStub(stack.enter_context(grpc.insecure_channel(waiting)))
         p50 = latency_p50(
             {
                 "torch": lambda: engines["torch"].embed([LATENCY_TEXT]),
@@ -173,6 +187,7 @@ def main() -> None:
                 "plain": lambda: plain.embed([LATENCY_TEXT], 1),
                 "server": lambda: stub.Embed(tei_pb2.EmbedRequest(inputs=LATENCY_TEXT)),
                 "bare": lambda: bare_stub.Embed(tei_pb2.EmbedRequest(inputs=LATENCY_TEXT)),
+                "waiting": lambda: waiting_stub.Embed(tei_pb2.EmbedRequest(inputs=LATENCY_TEXT)),
                 # The floor of the hop: a call the server answers without the model.
                 "info": lambda: info.Info(tei_pb2.InfoRequest()),
             },
@@ -180,7 +195,7 @@ def main() -> None:
         )
         rss["onnx after the run"] = psutil.Process(server.proc.pid).memory_info().rss / 2**20
 
-    report = render(args, threads, tokens, rates, p50, rss)
+    report = render(args, threads, tokens, rates, p50, rss, wait)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(report)
     print(report)
@@ -325,10 +340,12 @@ def latency_p50(calls: dict[str, Callable[[], object]], samples: int) -> dict[st
     return {name: statistics.median(spent) for name, spent in timings.items()}
 
 
-async def serve_bare(port: int, onnx_file: str, tokenizer_file: str) -> None:
-    """The least a Python gRPC server does for one Embed call, all of it inline on the
-    event loop: tokenize, run the ONNX file at ONNX Runtime's defaults, mean-pool,
-    normalize, answer."""
+EmbedCall = Callable[[str], Any]
+
+
+def model_call(onnx_file: str, tokenizer_file: str) -> EmbedCall:
+    """The least an Embed call does: tokenize, run the ONNX file at ONNX Runtime's defaults,
+    mean-pool, normalize."""
     import numpy as np
     import onnxruntime
     from tokenizers import Tokenizer
@@ -339,14 +356,38 @@ async def serve_bare(port: int, onnx_file: str, tokenizer_file: str) -> None:
     inputs = {i.name for i in session.get_inputs()}
     output = session.get_outputs()[0].name
 
+    def embed(text: str) -> Any:
+        ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
+        given = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        given["token_type_ids"] = np.zeros_like(ids)
+        (hidden,) = session.run([output], {k: v for k, v in given.items() if k in inputs})
+        vector = hidden[0].mean(axis=0)
+        return vector / np.linalg.norm(vector)
+
+    return embed
+
+
+def waiting_call(seconds: float) -> EmbedCall:
+    """No model at all: wait as long as the model call takes, answer a zero vector of the
+    model's size."""
+    import numpy as np
+
+    answer = np.zeros(384, dtype=np.float32)
+
+    def embed(text: str) -> Any:
+        time.sleep(seconds)
+        return answer
+
+    return embed
+
+
+async def serve_bare(port: int, embed: EmbedCall) -> None:
+    """A bare grpc.aio Embed servicer that runs `embed` inline on its event loop: no
+    batcher, no worker threads, no metrics, no validation."""
+
     class Bare(tei_pb2_grpc.EmbedServicer):
         async def Embed(self, request: Any, context: Any) -> tei_pb2.EmbedResponse:
-            ids = np.array([tokenizer.encode(request.inputs).ids], dtype=np.int64)
-            given = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-            given["token_type_ids"] = np.zeros_like(ids)
-            (hidden,) = session.run([output], {k: v for k, v in given.items() if k in inputs})
-            vector = hidden[0].mean(axis=0)
-            return tei_pb2.EmbedResponse(embeddings=vector / np.linalg.norm(vector))
+            return tei_pb2.EmbedResponse(embeddings=embed(request.inputs))
 
     server = grpc.aio.server()
     tei_pb2_grpc.add_EmbedServicer_to_server(Bare(), server)
@@ -356,16 +397,13 @@ async def serve_bare(port: int, onnx_file: str, tokenizer_file: str) -> None:
 
 
 @contextmanager
-def bare_server(onnx_file: str) -> Iterator[str]:
-    """`serve_bare` in its own process, on the same ONNX file as the in-process rows."""
-    from tests.localtei_fixtures import minilm_path
-
+def bare_server(*command: str) -> Iterator[str]:
+    """`serve_bare` in its own process: `bare-server ONNX_FILE TOKENIZER_JSON` (the same ONNX
+    file as the in-process rows) or `waiting-server SECONDS`."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, __file__, "bare-server", str(port), onnx_file,
-         str(minilm_path() / "tokenizer.json")],
-        cwd=ROOT,
-    )  # fmt: skip
+        [sys.executable, __file__, command[0], str(port), *command[1:]], cwd=ROOT
+    )
     address = f"127.0.0.1:{port}"
     try:
         with grpc.insecure_channel(address) as channel:
@@ -434,6 +472,7 @@ def render(
     rates: dict[str, list[float]],
     p50: dict[str, float],
     rss: dict[str, float],
+    wait: float,
 ) -> str:
     rate = {name: statistics.median(values) for name, values in rates.items()}
     fastest = max(BASELINES, key=lambda name: rate[name])
@@ -501,6 +540,13 @@ def render(
             f"| | | {p50['bare'] * 1000:.2f} ms "
             f"| {p50['bare'] / p50[quickest]:.2f} | the floor under the server's p50 here; "
             f"server / this: {p50['server'] / p50['bare']:.2f} |",
+            f"| for reference: a bare Python gRPC Embed server with no model, whose call only "
+            f"waits {wait * 1000:.2f} ms (the in-process call's p50, measured just before) and "
+            f"answers a zero vector, p50 | | | {p50['waiting'] * 1000:.2f} ms "
+            f"| {p50['waiting'] / p50[quickest]:.2f} | gRPC's own cost around a call this long: "
+            f"{(p50['waiting'] - wait) * 1000:.2f} ms, "
+            f"{(p50['waiting'] - wait) / p50[quickest] * 100:.0f} % of the quickest in-process "
+            f"call (the goal leaves 30 %) |",
             "",
             f"Fastest in-process engine (of the first three rows): {NAMES[fastest]}; quickest "
             f"for one text: {NAMES[quickest]}. Medians over {args.rounds} rounds (each round "
