@@ -13,6 +13,7 @@ the read) and drops it only when a read or a write fails.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -125,6 +126,9 @@ class RoutingRefresher:
         self._thread: threading.Thread | None = None
         self._next_heartbeat = 0.0
         self._failing = False
+        # When the read that found the current table began (time.monotonic()): the table
+        # reflects every row written before then.
+        self.last_read_began = -math.inf
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the thread; return once its first read is done (or failed)."""
@@ -139,6 +143,7 @@ class RoutingRefresher:
 
     def refresh_once(self) -> bool:
         """Reload the table; True when it changed."""
+        began = time.monotonic()
         try:
             table = load_routing_table()
             if self.keyring is not None:
@@ -166,8 +171,10 @@ class RoutingRefresher:
             log.info("reading the instance table again")
         self._failing = False
         if table == self.router.table:
+            self.last_read_began = began
             return False
         self.router.update(table)
+        self.last_read_began = began
         if self.on_change is not None:
             self.on_change(table)
         return True

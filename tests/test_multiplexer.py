@@ -151,35 +151,13 @@ def wait_for_read(
     rows would then replace it a moment later with a table that lacks them.
     """
     assert background.server is not None
-    router = background.server.router
-    last_read = read_start_recorder(background)
+    router, refresher = background.server.router, background.server.refresher
     started = time.monotonic()
-    while last_read[0] < started or not holds(router.table):
+    while refresher.last_read_began < started or not holds(router.table):
         if time.monotonic() - started > timeout:
             raise AssertionError(f"{what}; the routing table: {dict(router.table.by_name)}")
         time.sleep(0.02)
     return time.monotonic() - started
-
-
-def read_start_recorder(background: BackgroundMultiplexer) -> list[float]:
-    """A one-item list that holds when the refresher's last finished read began (its reads
-    run one after another on its thread); installed on the refresher the first time."""
-    assert background.server is not None
-    refresher = background.server.refresher
-    recorded: list[float] | None = getattr(refresher, "test_last_read_start", None)
-    if recorded is None:
-        recorded = [-math.inf]
-        read = refresher.refresh_once
-
-        def refresh_once() -> bool:
-            begun = time.monotonic()
-            changed = read()
-            recorded[0] = begun
-            return changed
-
-        refresher.refresh_once = refresh_once  # type: ignore[method-assign]
-        refresher.test_last_read_start = recorded  # type: ignore[attr-defined]
-    return recorded
 
 
 def add_instance(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -157,8 +158,12 @@ def test_it_loads_the_table_from_the_instance_rows_and_beats() -> None:
     router = Router()
     changes: list[RoutingTable] = []
     refresher = RoutingRefresher(router, on_change=changes.append)
+    before = time.monotonic()
     assert refresher.refresh_once() is True
+    first = refresher.last_read_began
+    assert first >= before
     assert refresher.refresh_once() is False
+    assert refresher.last_read_began > first  # an unchanged table is as fresh as the read
     assert len(changes) == 1 and router.table == table
     assert Heartbeat.objects.get(name="multiplexer").last_seen is not None
 
