@@ -27,7 +27,7 @@ every side alike (the table shows medians over rounds):
   runs it alone;
 - for reference, gRPC's own cost around a call of that length: the same bare servicer
   with no model, whose call only waits as long as the in-process call takes
-  (`... waiting-server PORT SECONDS`);
+  (`... waiting-server PORT SECONDS SIZE`);
 - each server's RSS after warm-up, `--backend torch` and the default (ONNX Runtime).
 
 Goals against the fastest in-process engine: server throughput >= 0.90x, one-text p50
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import platform
 import random
@@ -111,8 +112,8 @@ def main() -> None:
         asyncio.run(serve_bare(int(port), model_call(onnx_file, tokenizer_file)))
         return
     if sys.argv[1:2] == ["waiting-server"]:
-        port, seconds = sys.argv[2:4]
-        asyncio.run(serve_bare(int(port), waiting_call(float(seconds))))
+        port, seconds, size = sys.argv[2:5]
+        asyncio.run(serve_bare(int(port), waiting_call(float(seconds), int(size))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=2000)
@@ -144,15 +145,17 @@ def main() -> None:
             "onnx": load_model(MINILM_ID, backend="onnx"),
         }
         threads = {name: model.engine.threads for name, model in engines.items()}
-        plain = PlainOnnx(engines["onnx"])
+        plain = PlainOnnx.of(engines["onnx"])
         tokenizer_file = str(minilm_path() / "tokenizer.json")
         bare = stack.enter_context(bare_server("bare-server", plain.path, tokenizer_file))
         # The in-process call's length now, for the server that only waits that long.
         wait = latency_p50({"plain": lambda: plain.embed([LATENCY_TEXT], 1)}, 50)["plain"]
-        waiting = stack.enter_context(bare_server("waiting-server", f"{wait:.6f}"))
+        size = str(engines["onnx"].output_size)
+        waiting = stack.enter_context(bare_server("waiting-server", f"{wait:.6f}", size))
         for model in engines.values():
             model.embed(texts[:64], batch_size=args.batch_size)  # warm-up
         plain.embed(texts[:64], args.batch_size)
+        plain.embed(texts[:64], args.batch_size // 2, plain.narrow)
         tokens = statistics.mean(len(engines["onnx"].tokenizer.encode(t).ids) for t in texts)
         arrow = arrow_caller(routed_channel, texts)
         arrow()  # warm-up
@@ -272,20 +275,36 @@ class PlainOnnx:
     localtei runs), `InferenceSession` with default options, the fast tokenizer, mean
     pooling and normalizing in numpy."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, path: str, tokenizer: Any) -> None:
         import onnxruntime
 
-        self.path = model.engine._session._model_path
-        self.session = onnxruntime.InferenceSession(self.path, providers=["CPUExecutionProvider"])
-        # The single-threaded session the server's runners use side by side under load.
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.narrow = onnxruntime.InferenceSession(
-            self.path, options, providers=["CPUExecutionProvider"]
-        )
-        self.tokenizer = model.tokenizer._plain
+        self.path = path
+        self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.tokenizer = tokenizer
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0].name
+
+    @classmethod
+    def of(cls, model: Any) -> PlainOnnx:
+        """On the file and tokenizer (no padding, no truncation) of localtei's engine."""
+        return cls(model.engine._session._model_path, model.tokenizer._plain)
+
+    @classmethod
+    def from_files(cls, path: str, tokenizer_file: str) -> PlainOnnx:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(tokenizer_file)
+        tokenizer.no_padding()  # MiniLM's file pads every input to 128 tokens, for training
+        return cls(path, tokenizer)
+
+    @functools.cached_property
+    def narrow(self) -> Any:
+        """The single-threaded session the server's runners use side by side under load."""
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        return onnxruntime.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
 
     def embed(self, texts: list[str], batch_size: int, session: Any = None) -> list[Any]:
         import numpy as np
@@ -344,35 +363,18 @@ EmbedCall = Callable[[str], Any]
 
 
 def model_call(onnx_file: str, tokenizer_file: str) -> EmbedCall:
-    """The least an Embed call does: tokenize, run the ONNX file at ONNX Runtime's defaults,
-    mean-pool, normalize."""
-    import numpy as np
-    import onnxruntime
-    from tokenizers import Tokenizer
-
-    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
-    tokenizer = Tokenizer.from_file(tokenizer_file)
-    tokenizer.no_padding()  # the file pads every input to 128 tokens, for training
-    inputs = {i.name for i in session.get_inputs()}
-    output = session.get_outputs()[0].name
-
-    def embed(text: str) -> Any:
-        ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
-        given = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        given["token_type_ids"] = np.zeros_like(ids)
-        (hidden,) = session.run([output], {k: v for k, v in given.items() if k in inputs})
-        vector = hidden[0].mean(axis=0)
-        return vector / np.linalg.norm(vector)
-
-    return embed
+    """The in-process row's own one-text call (`PlainOnnx`): tokenize, run the ONNX file at
+    ONNX Runtime's defaults, mean-pool, normalize."""
+    plain = PlainOnnx.from_files(onnx_file, tokenizer_file)
+    return lambda text: plain.embed([text], 1)[0]
 
 
-def waiting_call(seconds: float) -> EmbedCall:
+def waiting_call(seconds: float, size: int) -> EmbedCall:
     """No model at all: wait as long as the model call takes, answer a zero vector of the
     model's size."""
     import numpy as np
 
-    answer = np.zeros(384, dtype=np.float32)
+    answer = np.zeros(size, dtype=np.float32)
 
     def embed(text: str) -> Any:
         time.sleep(seconds)
@@ -399,7 +401,7 @@ async def serve_bare(port: int, embed: EmbedCall) -> None:
 @contextmanager
 def bare_server(*command: str) -> Iterator[str]:
     """`serve_bare` in its own process: `bare-server ONNX_FILE TOKENIZER_JSON` (the same ONNX
-    file as the in-process rows) or `waiting-server SECONDS`."""
+    file as the in-process rows) or `waiting-server SECONDS SIZE`."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, __file__, command[0], str(port), *command[1:]], cwd=ROOT
