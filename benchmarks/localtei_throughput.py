@@ -21,8 +21,9 @@ every side alike (the table shows medians over rounds):
 - one-text latency p50 every way, in blocks of 10 calls per side with a pause between
   blocks (so that threads one side leaves spinning do not slow the next);
 - for reference, the floor under the server's one-text p50: a bare grpc.aio Embed
-  servicer in its own process that tokenizes, runs the same ONNX file at ONNX Runtime's
-  defaults and pools inline on its event loop (no batcher, no worker threads, no metrics);
+  servicer on uvloop, in its own process, that tokenizes, runs the same ONNX file at ONNX
+  Runtime's defaults and pools inline on its event loop (no batcher, no worker threads, no
+  metrics: the quickest of the layouts benchmarks/localtei_floor.py compares);
   `python benchmarks/localtei_throughput.py bare-server PORT ONNX_FILE TOKENIZER_JSON`
   runs it alone;
 - for reference, gRPC's own cost around a call of that length: the same bare servicer
@@ -49,6 +50,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,7 @@ django.setup()
 import grpc  # noqa: E402
 import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import uvloop  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from tei.v1 import tei_pb2, tei_pb2_grpc  # noqa: E402
@@ -109,11 +112,11 @@ BASELINES = ("torch", "onnx", "plain")
 def main() -> None:
     if sys.argv[1:2] == ["bare-server"]:
         port, onnx_file, tokenizer_file = sys.argv[2:5]
-        asyncio.run(serve_bare(int(port), model_call(onnx_file, tokenizer_file)))
+        uvloop.run(serve_bare(int(port), model_call(onnx_file, tokenizer_file)))
         return
     if sys.argv[1:2] == ["waiting-server"]:
         port, seconds, size = sys.argv[2:5]
-        asyncio.run(serve_bare(int(port), waiting_call(float(seconds), int(size))))
+        uvloop.run(serve_bare(int(port), waiting_call(float(seconds), int(size))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=2000)
@@ -332,8 +335,6 @@ class PlainOnnx:
 
     def side_by_side_rate(self, texts: list[str], batch_size: int) -> float:
         """One thread per core, each embedding its share of batches on the 1-thread session."""
-        from concurrent.futures import ThreadPoolExecutor
-
         batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
         started = time.perf_counter()
         with ThreadPoolExecutor(core_count()) as pool:
@@ -383,13 +384,19 @@ def waiting_call(seconds: float, size: int) -> EmbedCall:
     return embed
 
 
-async def serve_bare(port: int, embed: EmbedCall) -> None:
-    """A bare grpc.aio Embed servicer that runs `embed` inline on its event loop: no
-    batcher, no worker threads, no metrics, no validation."""
+async def serve_bare(port: int, embed: EmbedCall, worker: bool = False) -> None:
+    """A bare grpc.aio Embed servicer that runs `embed` inline on its event loop (or, with
+    `worker`, on one worker thread): no batcher, no metrics, no validation."""
+    pool = ThreadPoolExecutor(1)
 
     class Bare(tei_pb2_grpc.EmbedServicer):
         async def Embed(self, request: Any, context: Any) -> tei_pb2.EmbedResponse:
-            return tei_pb2.EmbedResponse(embeddings=embed(request.inputs))
+            if worker:
+                loop = asyncio.get_running_loop()
+                vector = await loop.run_in_executor(pool, embed, request.inputs)
+            else:
+                vector = embed(request.inputs)
+            return tei_pb2.EmbedResponse(embeddings=vector)
 
     server = grpc.aio.server()
     tei_pb2_grpc.add_EmbedServicer_to_server(Bare(), server)
@@ -537,8 +544,9 @@ def render(
             ),
             f"| the server's gRPC hop alone: unary Info, p50 | | | {p50['info'] * 1000:.2f} ms "
             "| | – (what a Python gRPC server costs a call before any model work) |",
-            f"| for reference: a bare Python gRPC Embed server (grpc.aio, the same ONNX file "
-            f"run inline on its event loop: no batcher, no worker threads, no metrics), p50 "
+            f"| for reference: a bare Python gRPC Embed server (grpc.aio on uvloop, the same "
+            f"ONNX file run inline on its event loop: no batcher, no worker threads, no "
+            f"metrics), p50 "
             f"| | | {p50['bare'] * 1000:.2f} ms "
             f"| {p50['bare'] / p50[quickest]:.2f} | the floor under the server's p50 here; "
             f"server / this: {p50['server'] / p50['bare']:.2f} |",

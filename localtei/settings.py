@@ -1,13 +1,17 @@
 """The server's settings, as parsed from text-embeddings-router's flags, and the knobs
-localtei reads from its environment (LOCALTEI_NUM_THREADS, LOCALTEI_RUNNERS, LOCALTEI_CACHE)."""
+localtei reads from its environment (LOCALTEI_NUM_THREADS, LOCALTEI_RUNNERS, LOCALTEI_CACHE,
+LOCALTEI_LOOP)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 BACKENDS = ("auto", "onnx", "torch")
+LOOPS = ("auto", "uvloop", "asyncio")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,28 @@ def configured_runners() -> int | None:
     """Batches ONNX Runtime may run at once: LOCALTEI_RUNNERS, else None (decided by the
     engine, see localtei.onnx_engine.runners_for)."""
     return _env_count("LOCALTEI_RUNNERS")
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """The server's event loop, from LOCALTEI_LOOP: "auto" (the default) is uvloop's where
+    it is installed, else asyncio's. Each request wakes the loop from a worker thread when
+    its batch is done, and uvloop's wake-ups cost less (benchmarks/localtei_floor.py)."""
+    from localtei.errors import StartupError
+
+    kind = os.environ.get("LOCALTEI_LOOP", "").strip() or "auto"
+    if kind not in LOOPS:
+        raise StartupError(f"LOCALTEI_LOOP must be one of {', '.join(LOOPS)}, not {kind!r}")
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise StartupError(
+                    "LOCALTEI_LOOP=uvloop, but uvloop is not installed (pip install uvloop)"
+                ) from None
+        else:
+            return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
 
 
 def _env_count(name: str) -> int | None:

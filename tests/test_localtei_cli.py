@@ -68,10 +68,20 @@ def test_it_fails_the_start_when_the_directory_holds_no_model(tmp_path: Path) ->
     assert '"level": "ERROR"' in result.stdout and "config.json" in result.stdout
 
 
-def test_it_exits_0_on_sigterm_even_while_loading_the_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("setting", "loop"), [("", "uvloop"), ("asyncio", "asyncio")])
+def test_it_exits_0_on_sigterm_even_while_loading_the_model(
+    setting: str, loop: str, tmp_path: Path
+) -> None:
     # Every server started with start_localtei() is also checked to exit 0 once Ready.
     # torch takes seconds to import: a load long enough to be caught in the act.
-    server = launch_localtei(MINILM_ID, "--backend", "torch", log_path=tmp_path / "localtei.log")
+    # On either event loop (LOCALTEI_LOOP; unset: uvloop, which is installed here).
+    server = launch_localtei(
+        MINILM_ID,
+        "--backend",
+        "torch",
+        log_path=tmp_path / "localtei.log",
+        env=localtei_env(LOCALTEI_LOOP=setting),
+    )
     try:
         deadline = time.monotonic() + 60
         while "NOT_SERVING" not in server.health_seen and time.monotonic() < deadline:
@@ -84,6 +94,16 @@ def test_it_exits_0_on_sigterm_even_while_loading_the_model(tmp_path: Path) -> N
     finally:
         server.stop()
     assert "Signal received while loading the model" in server.log_text()
+    assert f"({loop} event loop)" in server.log_text()
+
+
+def test_an_unknown_event_loop_fails_the_start_with_one_line(tmp_path: Path) -> None:
+    env = localtei_env(LOCALTEI_LOOP="fast")
+    server = launch_localtei(MINILM_ID, env=env, log_path=tmp_path / "log", prepare=False)
+    assert server.proc.wait(60) == 1
+    log = (tmp_path / "log").read_text()
+    assert "LOCALTEI_LOOP must be one of auto, uvloop, asyncio, not 'fast'" in log
+    assert "Traceback" not in log
 
 
 @pytest.mark.parametrize("flag", ["--otlp-endpoint", "--api-key", "--uds-path", "--revision"])
