@@ -15,8 +15,8 @@ Measured:
 
 1. one-text p50 with the model's call (`PlainOnnx` of localtei_throughput.py: tokenize,
    the ONNX file localtei runs at ONNX Runtime's defaults, mean-pool, normalize) against
-   the same call in-process and against the localtei server at its defaults, in blocks
-   of 10 calls per side;
+   the same call in-process and against the localtei server at its defaults (uvloop) and
+   on asyncio's own loop (LOCALTEI_LOOP=asyncio), in blocks of 10 calls per side;
 2. the same again with the CPUs kept out of their halted idle state (PM QoS: 0 written
    to /dev/cpu_dma_latency and held, as tuned's latency-performance profile does), where
    that file is writable: it shows how much of gRPC's cost around a call that leaves the
@@ -98,9 +98,10 @@ def main() -> None:
     with ExitStack() as stack:
         env = bench.localtei_env()
         env.pop("LOCALTEI_NUM_THREADS", None)  # at its defaults
-        addresses = {
-            "localtei": stack.enter_context(bench.start_localtei(bench.MINILM_ID, env=env)).address
-        }
+        addresses = {}
+        for name, loop in (("localtei", "auto"), ("localtei-asyncio", "asyncio")):
+            started = bench.start_localtei(bench.MINILM_ID, env={**env, "LOCALTEI_LOOP": loop})
+            addresses[name] = stack.enter_context(started).address
         for layout in LAYOUTS:
             addresses[layout], _ = stack.enter_context(server(layout, plain.path, tokenizer))
         calls = {"in-process": lambda: plain.embed([LATENCY_TEXT], 1)}
@@ -208,13 +209,19 @@ def render(
         "",
         "Each bare server runs only the in-process call of the first row (tokenize, the ONNX"
         " file localtei runs at ONNX Runtime's defaults, mean-pool, normalize), in its own"
-        " process; the last row is localtei at its defaults, on the same file."
+        " process; the last rows are localtei on the same file, at its defaults and on"
+        " asyncio's own event loop."
         f" One text, p50 over {args.samples} sequential calls of each, in blocks of 10 per side.",
         "",
         f"| the call | {header} |",
         "|---|" + "---:|---:|" * len(conditions),
     ]
-    labels = {"in-process": "in-process, no gRPC", **LAYOUTS, "localtei": "localtei server"}
+    labels = {
+        "in-process": "in-process, no gRPC",
+        **LAYOUTS,
+        "localtei": "localtei server (on uvloop, its default)",
+        "localtei-asyncio": "localtei server on asyncio's loop (LOCALTEI_LOOP=asyncio)",
+    }
     for name, label in labels.items():
         cells = " | ".join(
             f"{p50[c][name] * 1e3:.2f} ms | {p50[c][name] / p50[c]['in-process']:.2f}"
