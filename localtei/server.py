@@ -23,7 +23,7 @@ from grpc_health.v1._async import HealthServicer
 
 from localtei.errors import StartupError
 from localtei.lookup import ModelLocation, find_model
-from localtei.settings import Settings, core_count, event_loop_factory
+from localtei.settings import Settings, configured_event_loop, core_count, loop_kind
 from localtei.spec import ModelSpec, describe_model
 
 if TYPE_CHECKING:  # kept off the fast "model not found" path
@@ -42,7 +42,7 @@ _SHUTDOWN_GRACE_SECONDS = 10.0
 def run(settings: Settings) -> int:
     """The process's life: 0 after a clean shutdown, 1 when the start fails."""
     try:
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=configured_event_loop()) as runner:
             return runner.run(_serve(settings))
     except StartupError as err:
         log.error("%s", err)
@@ -70,9 +70,11 @@ async def _serve(settings: Settings) -> int:
     for name in ("", *SERVICE_NAMES):
         await health.set(name, _NOT_SERVING)
     await server.start()
-    loop_kind = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
     log.info(
-        "Starting gRPC server on %s:%d (%s event loop)", settings.hostname, settings.port, loop_kind
+        "Starting gRPC server on %s:%d (%s event loop)",
+        settings.hostname,
+        settings.port,
+        loop_kind(loop),
     )
     _serve_metrics(settings)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BACKENDS = ("auto", "onnx", "torch")
-LOOPS = ("auto", "uvloop", "asyncio")
+LOOP_KINDS = ("auto", "uvloop", "asyncio")
 
 
 @dataclass(frozen=True)
@@ -54,26 +54,43 @@ def configured_runners() -> int | None:
     return _env_count("LOCALTEI_RUNNERS")
 
 
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    """The server's event loop, from LOCALTEI_LOOP: "auto" (the default) is uvloop's where
-    it is installed, else asyncio's. Each request wakes the loop from a worker thread when
-    its batch is done, and uvloop's wake-ups cost less (benchmarks/localtei_floor.py)."""
-    from localtei.errors import StartupError
-
-    kind = os.environ.get("LOCALTEI_LOOP", "").strip() or "auto"
-    if kind not in LOOPS:
-        raise StartupError(f"LOCALTEI_LOOP must be one of {', '.join(LOOPS)}, not {kind!r}")
+def event_loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's loop for "uvloop", asyncio's for "asyncio", uvloop's if installed for "auto"
+    (ValueError for another kind, ImportError for "uvloop" without it). The multiplexer's
+    `--loop` and localtei's LOCALTEI_LOOP both choose with it."""
+    if kind not in LOOP_KINDS:
+        raise ValueError(f"unknown event loop {kind!r}: choose one of {', '.join(LOOP_KINDS)}")
     if kind != "asyncio":
         try:
             import uvloop
         except ImportError:
             if kind == "uvloop":
-                raise StartupError(
-                    "LOCALTEI_LOOP=uvloop, but uvloop is not installed (pip install uvloop)"
-                ) from None
+                raise
         else:
             return uvloop.new_event_loop  # type: ignore[no-any-return]
     return asyncio.new_event_loop
+
+
+def loop_kind(loop: asyncio.AbstractEventLoop) -> str:
+    """Which loop runs ("uvloop" or "asyncio"), for the start-up log."""
+    return type(loop).__module__.split(".")[0]
+
+
+def configured_event_loop() -> Callable[[], asyncio.AbstractEventLoop]:
+    """The server's event loop, from LOCALTEI_LOOP (default "auto"): each request wakes the
+    loop from a worker thread when its batch is done, and uvloop's wake-ups cost less
+    (benchmarks/localtei_floor.py). StartupError (one line) when it cannot be had."""
+    from localtei.errors import StartupError
+
+    kind = os.environ.get("LOCALTEI_LOOP", "").strip() or "auto"
+    try:
+        return event_loop_factory(kind)
+    except ValueError as exc:
+        raise StartupError(f"LOCALTEI_LOOP: {exc}") from None
+    except ImportError:
+        raise StartupError(
+            "LOCALTEI_LOOP=uvloop, but uvloop is not installed (pip install uvloop)"
+        ) from None
 
 
 def _env_count(name: str) -> int | None:

@@ -1,4 +1,4 @@
-"""The multiplexer's server options and event loop choice.
+"""The multiplexer's server options.
 
 Apart from multiplexer/server.py so that `runmultiplexer --processes N` can read them in
 its parent process without importing the server (grpcio's server, pyarrow and its threads):
@@ -7,31 +7,13 @@ the parent forks the server processes, and must do so before any of that exists.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from teimanager.config import Config, MtlsConfig, is_loopback
 
-LOOP_KINDS = ("auto", "uvloop", "asyncio")
 # Seconds between two traffic samples per instance (multiplexer/rollup.py).
 ROLLUP_SECS = 10.0
-
-
-def event_loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
-    """uvloop's loop for "uvloop", asyncio's for "asyncio", uvloop's if installed for "auto"."""
-    if kind not in LOOP_KINDS:
-        raise ValueError(f"unknown event loop {kind!r}: choose one of {', '.join(LOOP_KINDS)}")
-    if kind != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if kind == "uvloop":
-                raise
-        else:
-            return uvloop.new_event_loop
-    return asyncio.new_event_loop
 
 
 @dataclass(frozen=True)

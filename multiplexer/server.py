@@ -18,13 +18,14 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
 from localtei.handlers import add_health_and_reflection
+from localtei.settings import event_loop_factory
 from multiplexer.channels import ChannelPool
 from multiplexer.forwarding import SERVICE_NAME, Forwarder
 from multiplexer.http.server import HttpServer
 from multiplexer.keys import Keyring
 from multiplexer.metrics import CallMetrics
 from multiplexer.ondemand import ColdStarter
-from multiplexer.options import ServerOptions, event_loop_factory
+from multiplexer.options import ServerOptions
 from multiplexer.refresher import HEARTBEAT_INTERVAL_SECS, RoutingRefresher
 from multiplexer.rollup import Rollup
 from multiplexer.routing import Router, RoutingTable

@@ -102,7 +102,7 @@ def test_an_unknown_event_loop_fails_the_start_with_one_line(tmp_path: Path) -> 
     server = launch_localtei(MINILM_ID, env=env, log_path=tmp_path / "log", prepare=False)
     assert server.proc.wait(60) == 1
     log = (tmp_path / "log").read_text()
-    assert "LOCALTEI_LOOP must be one of auto, uvloop, asyncio, not 'fast'" in log
+    assert "LOCALTEI_LOOP: unknown event loop 'fast': choose one of auto, uvloop, asyncio" in log
     assert "Traceback" not in log
 
 

@@ -35,8 +35,9 @@ from tei.v1 import tei_pb2
 from tei_multiplexer.v1 import multiplexer_pb2 as mux
 from tei_multiplexer.v1 import multiplexer_pb2_grpc
 
+from localtei.settings import event_loop_factory
 from multiplexer.benchclient import text_batch
-from multiplexer.server import BackgroundMultiplexer, ServerOptions, event_loop_factory
+from multiplexer.server import BackgroundMultiplexer, ServerOptions
 from tests.conftest import ROOT, TEST_ENV
 from tests.localtei_fixtures import (
     MINILM_ID,

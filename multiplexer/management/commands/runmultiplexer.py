@@ -18,7 +18,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from multiplexer.options import LOOP_KINDS, ROLLUP_SECS, ServerOptions, event_loop_factory
+from localtei.settings import LOOP_KINDS, event_loop_factory, loop_kind
+from multiplexer.options import ROLLUP_SECS, ServerOptions
 from multiplexer.processes import Link, StartError, Supervisor
 from telemetry import logs, tracing
 from telemetry.setup import setup_process
@@ -223,8 +224,7 @@ class Command(BaseCommand):
         # What start-up loaded lives as long as the process: out of the collector's full
         # passes, which every call's garbage (and every span's, with tracing on) triggers.
         gc.freeze()
-        loop_kind = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
-        ready(port, server.http_port, loop_kind)
+        ready(port, server.http_port, loop_kind(loop))
         orphaned = asyncio.create_task(link.until_orphaned(stop)) if link else None
         await stop.wait()
         if link is None:
